@@ -1,0 +1,5 @@
+"""Backends that turn a frozen integer graph into something that runs (one per module, registered)."""
+
+from fxquant.backends.registry import available_backends, get_backend, register_backend
+
+__all__ = ["available_backends", "get_backend", "register_backend"]

@@ -1,0 +1,18 @@
+"""The ``"torch"`` backend: the frozen integer graph itself, evaluated with PyTorch ops.
+
+Integer accumulators are computed exactly (int64 results of float64 sums of integers); the float
+rescale follows the order fixed in :mod:`fxquant.integer`. It is the reference the TVM backends match.
+"""
+
+from __future__ import annotations
+
+from fxquant.backends.registry import register_backend
+from torch import fx
+
+__all__ = ["lower_torch"]
+
+
+@register_backend("torch")
+def lower_torch(frozen: fx.GraphModule) -> fx.GraphModule:
+    """Return the frozen graph in eval mode: calling it runs the integer reference."""
+    return frozen.eval()

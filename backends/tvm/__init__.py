@@ -1,0 +1,1 @@
+"""TVM backends (``"tvm-llvm"``, ``"tvm-arm"``): lower the frozen integer graph to Relax."""

@@ -1,0 +1,99 @@
+"""The public entry points: :func:`prepare`, :func:`convert`, :func:`update_schedules`."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from fxquant.config import QuantConfig
+from fxquant.errors import ConfigError, FxQuantError
+from fxquant.layers import QuantLayer
+from fxquant.quantizers.base import Quantizer
+
+__all__ = ["prepare", "convert", "update_schedules", "quantizers_of", "quantized_layer_names"]
+
+
+def prepare(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | torch.Tensor | None = None,
+    config: QuantConfig | None = None,
+) -> fx.GraphModule:
+    """Trace ``model``, fold its batch norms and insert soft fake-quantization; returns a trainable copy.
+
+    ``model`` itself is not modified. With ``example_inputs`` the quantizers are initialised from one
+    forward pass now (eval mode, no gradient, batch-norm statistics untouched); without them, at the
+    first forward the user runs.
+
+    Example::
+
+        qmodel = fxquant.prepare(model, (x,), fxquant.QuantConfig(quantizer="dsq", weight_bits=4, act_bits=4))
+    """
+    from fxquant.passes import fold_bn, fuse_bn_for_qat, insert_quantizers, trace
+
+    config = config if config is not None else QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"config must be a fxquant.QuantConfig, got {type(config).__name__}")
+    training = model.training
+    gm = trace(copy.deepcopy(model), config.leaf_modules)
+    if config.fold_bn == "qat":
+        gm = fuse_bn_for_qat(gm)
+    elif config.fold_bn == "inference":
+        gm = fold_bn(gm.eval())
+    gm = insert_quantizers(gm, config)
+    gm.meta["fxquant.config"] = config
+    if example_inputs is not None:
+        args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        gm.eval()
+        with torch.no_grad():
+            gm(*args)
+        _record_shapes(gm, args)
+    gm.train(training)
+    return gm
+
+
+def _record_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
+    """Store tensor shapes in ``node.meta['tensor_meta']`` (used by cost models and reports)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*args)
+
+
+def quantizers_of(model: nn.Module) -> dict[str, Quantizer]:
+    """Every quantizer in a prepared model, by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, Quantizer)}
+
+
+def quantized_layer_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, QuantLayer)]
+
+
+def update_schedules(model: nn.Module, progress: float) -> None:
+    """Advance every quantizer's schedule (QN temperature, DSQ alpha); call once per step or epoch.
+
+    ``progress`` is the fraction of training done, from 0 to 1.
+    """
+    if not 0.0 <= progress <= 1.0:
+        raise ConfigError(f"progress={progress!r} must be between 0 and 1")
+    for q in quantizers_of(model).values():
+        q.update_schedule(progress)
+
+
+def convert(model: fx.GraphModule, backend: str = "torch", **options: Any) -> Any:
+    """Hard-quantize a prepared model and lower it to ``backend`` (``"torch"``, ``"tvm-llvm"``, ``"tvm-arm"``).
+
+    Example::
+
+        ref = fxquant.convert(qmodel, backend="torch")   # the integer-exact reference nn.Module
+    """
+    from fxquant.backends.registry import get_backend
+    from fxquant.passes import freeze
+
+    if not isinstance(model, fx.GraphModule) or not quantized_layer_names(model):
+        raise FxQuantError("convert() expects a model returned by fxquant.prepare() with at least one quantized layer")
+    lower = get_backend(backend)
+    return lower(freeze(model), **options)

@@ -1,0 +1,115 @@
+"""Layer modules that the passes put into the graph during preparation.
+
+- :class:`FusedBn`: a float conv/linear followed by its batch norm, as one node (the input of QAT folding).
+- :class:`QuantLayer`: a conv/linear whose weight goes through a quantizer; with a batch norm attached it
+  follows Jacob et al. (2018): the quantizer sees the weight folded with the *running* statistics, the
+  output is unscaled again and the batch norm runs on batch statistics in training (so they keep
+  updating), and in eval the layer is exactly the folded conv. Its ``input_quant`` is called by its own
+  graph node just before the layer, so activation fake-quant stays visible in the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxquant.quantizers.base import Quantizer
+
+__all__ = ["FusedBn", "QuantLayer", "fold_bn_into", "QUANTIZABLE_TYPES", "layer_type_name"]
+
+QUANTIZABLE_TYPES = (nn.Conv2d, nn.Linear)
+
+
+def layer_type_name(module: nn.Module) -> str:
+    """The type name override keys use (``type:Conv2d``), looking through fusion and quantization."""
+    inner = getattr(module, "layer", module)
+    return type(inner).__name__
+
+
+def fold_bn_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``bn(layer(x))`` as one layer, using the running statistics."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+    bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+    weight = layer.weight * scale.reshape([-1] + [1] * (layer.weight.dim() - 1))
+    return weight, (bias - bn.running_mean) * scale + shift
+
+
+def _apply(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return F.linear(x, weight, bias)
+
+
+class FusedBn(nn.Module):
+    """``bn(layer(x))`` kept as one module so that later passes treat the pair as one layer."""
+
+    def __init__(self, layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.layer = layer
+        self.bn = bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.layer(x))
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return fold_bn_into(self.layer, self.bn)
+
+
+class QuantLayer(nn.Module):
+    """A conv2d or linear layer with fake-quantized weights (and the quantizer of its input).
+
+    In training the layer computes in float32 on fake-quantized values (differentiable). In eval it runs
+    the deployed integer arithmetic of :mod:`fxquant.integer` on the codes of its (already quantized)
+    input, so the accuracy measured in eval is bit for bit that of ``convert(backend="torch")``.
+    """
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        weight_quant: Quantizer,
+        input_quant: Quantizer,
+        bn: nn.modules.batchnorm._BatchNorm | None = None,
+    ):
+        super().__init__()
+        if not isinstance(layer, QUANTIZABLE_TYPES):
+            raise TypeError(f"QuantLayer wraps Conv2d or Linear, not {type(layer).__name__}")
+        self.layer = layer
+        self.bn = bn
+        self.weight_quant = weight_quant
+        self.input_quant = input_quant
+
+    def integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval path: recover the input codes (``x`` is on the input grid) and run the integer layer."""
+        from fxquant.passes.freeze import freeze_layer
+        from fxquant.quantizers.grid import uniform_codes
+
+        if not bool(self.weight_quant.initialized):
+            with torch.no_grad():
+                self.weight_quant(self.folded_weight_bias()[0])
+        frozen = freeze_layer(self)
+        codes = uniform_codes(x, frozen.input_low, frozen.input_step, frozen.act_bits)
+        return frozen.integer_output(codes)
+
+    def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight the quantizer sees and the bias of the deployed layer (running BN statistics)."""
+        if self.bn is None:
+            return self.layer.weight, self.layer.bias
+        return fold_bn_into(self.layer, self.bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.integer_forward(x)
+        if self.bn is None:
+            return _apply(self.layer, x, self.weight_quant(self.layer.weight), self.layer.bias)
+        bn = self.bn
+        running_std = torch.sqrt(bn.running_var + bn.eps)
+        factor = bn.weight / running_std if bn.affine else 1.0 / running_std
+        shape = [-1] + [1] * (self.layer.weight.dim() - 1)
+        y = _apply(self.layer, x, self.weight_quant(self.layer.weight * factor.reshape(shape)), None)
+        out_shape = [1, -1] + [1] * (y.dim() - 2)
+        y = y / factor.reshape(out_shape)
+        if self.layer.bias is not None:
+            y = y + self.layer.bias.reshape(out_shape)
+        return bn(y)

@@ -1,0 +1,72 @@
+"""A bitwidth plan: per-layer (weight bits, activation bits), as the SDQ search returns it."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fxquant.config import MAX_BITS, MIN_BITS
+from fxquant.errors import ConfigError
+
+__all__ = ["BitwidthPlan"]
+
+PLAN_FORMAT = "fxquant.bitwidth_plan/1"
+
+
+@dataclass(frozen=True)
+class BitwidthPlan:
+    """Layer name → ``(weight_bits, act_bits)``; applied by ``QuantConfig(plan=...)``.
+
+    Example::
+
+        plan = BitwidthPlan({"conv1": (8, 8), "layer1.0.conv1": (3, 4)})
+        plan.save("plan.json"); BitwidthPlan.load("plan.json") == plan
+    """
+
+    bits: Mapping[str, tuple[int, int]]
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        clean = {}
+        for name, pair in dict(self.bits).items():
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ConfigError(f"plan[{name!r}] must be (weight_bits, act_bits), got {pair!r}")
+            for what, b in zip(("weight_bits", "act_bits"), pair, strict=True):
+                if isinstance(b, bool) or not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS:
+                    raise ConfigError(f"plan[{name!r}].{what}={b!r} is invalid: expected {MIN_BITS}..{MAX_BITS}")
+            clean[name] = (int(pair[0]), int(pair[1]))
+        object.__setattr__(self, "bits", clean)
+        object.__setattr__(self, "metadata", dict(self.metadata))
+
+    def check_layers(self, layers: list[str]) -> None:
+        unknown = sorted(set(self.bits) - set(layers))
+        if unknown:
+            raise ConfigError(f"plan names layers the model does not have: {unknown}; layers are: {layers}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": PLAN_FORMAT, "bits": {k: list(v) for k, v in self.bits.items()}, "metadata": dict(self.metadata)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BitwidthPlan:
+        if data.get("format") != PLAN_FORMAT:
+            raise ConfigError(f"not a bitwidth plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})")
+        return cls({k: tuple(v) for k, v in data["bits"].items()}, data.get("metadata", {}))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write JSON atomically (a crash never leaves half a plan)."""
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> BitwidthPlan:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read bitwidth plan {path}: {exc}") from exc
+        return cls.from_dict(data)

@@ -1,0 +1,17 @@
+"""Quantization schemes, one per module; importing this package registers them all."""
+
+from fxquant.quantizers import dsq, ste  # noqa: E402,F401  (registration)
+from fxquant.quantizers.base import Quantizer, search_clip_range
+from fxquant.quantizers.grid import QuantGrid, threshold_codes, uniform_codes
+from fxquant.quantizers.registry import available_quantizers, get_quantizer, register_quantizer
+
+__all__ = [
+    "Quantizer",
+    "QuantGrid",
+    "available_quantizers",
+    "get_quantizer",
+    "register_quantizer",
+    "search_clip_range",
+    "threshold_codes",
+    "uniform_codes",
+]

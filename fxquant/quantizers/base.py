@@ -1,0 +1,139 @@
+"""The quantizer contract shared by every scheme.
+
+A quantizer is an ``nn.Module`` that in training applies its soft (differentiable) function and in eval
+applies its hard form; :meth:`Quantizer.grid` and :meth:`Quantizer.codes` expose that hard form so that
+``freeze`` can build the integer graph. Parameters are created at construction (shapes are known from the
+layer), and data-dependent initialisation happens at the first forward, so an optimizer can be built
+right after :func:`fxquant.prepare`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from fxquant.errors import ConfigError
+from fxquant.quantizers.grid import QuantGrid, channel_view, uniform_codes
+
+__all__ = ["Quantizer", "Role", "search_clip_range"]
+
+Role = Literal["weight", "activation"]
+
+
+class Quantizer(nn.Module):
+    """Base class: subclasses implement :meth:`grid`, :meth:`soft_forward` and :meth:`initialize`."""
+
+    scheme: ClassVar[str] = ""
+    #: option name -> default value; anything else in ``QuantConfig.quantizer_options`` is an error
+    OPTIONS: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, bits: int, role: Role, channels: int | None = None, options: Mapping[str, Any] | None = None):
+        super().__init__()
+        if role not in ("weight", "activation"):
+            raise ConfigError(f"quantizer role {role!r} is invalid; allowed: weight, activation")
+        self.validate_options(dict(options or {}))
+        self.bits = int(bits)
+        self.role: Role = role
+        self.channels = channels  # per-channel along axis 0 when set (weights only)
+        self.options = {**self.OPTIONS, **dict(options or {})}
+        self.register_buffer("initialized", torch.tensor(False))
+
+    # -- configuration ------------------------------------------------------------------------------------
+
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> None:
+        unknown = sorted(set(options) - set(cls.OPTIONS))
+        if unknown:
+            allowed = ", ".join(sorted(cls.OPTIONS)) or "(none)"
+            raise ConfigError(f"quantizer_options {unknown} are not options of {cls.scheme!r}; allowed: {allowed}")
+
+    @property
+    def num_params(self) -> int:
+        return self.channels if self.channels else 1
+
+    @property
+    def levels_count(self) -> int:
+        return 2**self.bits
+
+    @property
+    def uniform(self) -> bool:
+        """Uniform levels deploy as bit-serial/integer kernels; non-uniform ones as a codebook."""
+        return True
+
+    # -- the contract -------------------------------------------------------------------------------------
+
+    def grid(self) -> QuantGrid:
+        raise NotImplementedError
+
+    def soft_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def initialize(self, x: torch.Tensor) -> None:
+        """Set data-dependent parameters from the first tensor seen (weights or a calibration batch)."""
+
+    def update_schedule(self, progress: float) -> None:
+        """Advance a training schedule (DSQ alpha, QN temperature); ``progress`` runs from 0 to 1."""
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes in ``[0, 2**bits - 1]`` (as whole-number floats) of the hard quantizer."""
+        return self.grid().codes(x)
+
+    def integer_weight(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer weight values and their per-channel scale; codebook schemes requantize their levels."""
+        grid = self.grid()
+        return grid.int_values(codes), grid.scale
+
+    def hard_forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = self.grid()
+        return grid.dequantize(self.codes(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.initialized):
+            with torch.no_grad():
+                self.initialize(x.detach())
+            self.initialized.fill_(True)
+        if self.training:
+            return self.soft_forward(x)
+        return self.hard_forward(x)
+
+    def view(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return channel_view(t, like, 0) if self.channels else t.reshape(())
+
+    def extra_repr(self) -> str:
+        where = f"per_channel={self.channels}" if self.channels else "per_tensor"
+        return f"bits={self.bits}, role={self.role}, {where}"
+
+
+def search_clip_range(
+    x: torch.Tensor, bits: int, signed: bool, per_channel: bool, candidates: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip bounds ``(low, high)`` that minimise the mean squared quantization error on ``x``.
+
+    Max-based ranges waste most levels at 2-4 bits; shrinking the range trades clipping for rounding error,
+    which is what DSQ and LSQ then keep learning. Symmetric (``low = -high``) when ``signed``.
+    """
+    flat = x.detach().float().reshape(x.shape[0], -1) if per_channel else x.detach().float().reshape(1, -1)
+    if signed:
+        hi_max = flat.abs().amax(dim=1).clamp_min(1e-8)
+        lo_max = -hi_max
+    else:
+        hi_max = flat.amax(dim=1).clamp_min(1e-8)
+        lo_max = torch.minimum(flat.amin(dim=1), torch.zeros_like(hi_max))
+    best_err = torch.full_like(hi_max, float("inf"))
+    best = torch.ones_like(hi_max)
+    n = 2**bits - 1
+    for frac in torch.linspace(1.0 / candidates, 1.0, candidates):
+        lo, hi = lo_max * frac, hi_max * frac
+        step = ((hi - lo) / n).unsqueeze(1)
+        q = lo.unsqueeze(1) + step * uniform_codes(flat, lo.unsqueeze(1), step, bits)
+        err = (q - flat).pow(2).mean(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, frac.expand_as(best), best)
+    low, high = lo_max * best, hi_max * best
+    if not per_channel:
+        low, high = low.reshape(()), high.reshape(())
+    return low, high

@@ -1,0 +1,109 @@
+"""DSQ: Differentiable Soft Quantization (Gong et al., ICCV 2019, arXiv 1908.05033).
+
+The clip range ``[l, u]`` is cut into ``2**b - 1`` intervals of width ``Δ``; inside interval ``i`` the
+staircase is replaced by ``φ(x) = s·tanh(k(x − m_i))`` with ``m_i`` the interval centre, ``s = 1/(1−α)``
+and ``k = ln(2/α − 1)/Δ`` (Eq. 3-8). The forward value is the hard staircase (sgn φ, i.e. rounding); the
+gradient is that of the soft function, with the straight-through estimator only across the sign
+(Algorithm 1). α, l and u are learned.
+
+Weights use the symmetric clip ``l = −u`` so their levels are odd integers × ``u/(2**b−1)``: exactly the
+bipolar encoding of the bit-serial kernels (a learned offset could not be folded into a bias, since it
+multiplies the input). Activations whose first batch is non-negative keep ``l = 0`` and become unsigned
+codes; others learn ``l`` too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fxquant.quantizers.base import Quantizer, search_clip_range
+from fxquant.quantizers.grid import QuantGrid
+from fxquant.quantizers.registry import register_quantizer
+
+__all__ = ["DSQQuantizer", "dsq_soft"]
+
+ALPHA_MIN = 1e-4
+ALPHA_MAX = 0.5 - 1e-4
+
+
+def dsq_soft(x: torch.Tensor, low: torch.Tensor, step: torch.Tensor, bits: int, alpha: torch.Tensor) -> torch.Tensor:
+    """The paper's Q_S (Eq. 3-5): piecewise tanh between the levels ``low + i·step``."""
+    n = 2**bits - 1
+    high = low + step * n
+    xc = torch.minimum(torch.maximum(x, low), high)
+    i = torch.clamp(torch.floor((xc - low) / step), 0, n - 1).detach()
+    centre = low + (i + 0.5) * step
+    alpha = alpha.clamp(ALPHA_MIN, ALPHA_MAX)
+    s = 1.0 / (1.0 - alpha)
+    k = torch.log(2.0 / alpha - 1.0) / step
+    phi = s * torch.tanh(k * (xc - centre))
+    return low + step * (i + (phi + 1.0) / 2.0)
+
+
+@register_quantizer("dsq")
+class DSQQuantizer(Quantizer):
+    """DSQ with learnable α (bounded to (0, 0.5)) and learnable clipping bounds."""
+
+    OPTIONS = {"alpha": 0.2, "learn_alpha": True}
+
+    def __init__(self, bits, role, channels=None, options=None):
+        super().__init__(bits, role, channels, options)
+        alpha = float(self.options["alpha"])
+        if not 0.0 < alpha < 0.5:
+            from fxquant.errors import ConfigError
+
+            raise ConfigError(f"quantizer_options alpha={alpha!r} is invalid: DSQ needs 0 < alpha < 0.5")
+        self.upper = nn.Parameter(torch.ones(self.num_params if role == "weight" else ()))
+        if role == "activation":
+            self.lower = nn.Parameter(torch.zeros(()))
+            self.register_buffer("signed", torch.tensor(False))
+        if self.options["learn_alpha"]:
+            self.alpha = nn.Parameter(torch.tensor(alpha))
+        else:
+            self.register_buffer("alpha", torch.tensor(alpha))
+
+    def initialize(self, x: torch.Tensor) -> None:
+        if self.role == "weight":
+            _, high = search_clip_range(x, self.bits, signed=True, per_channel=bool(self.channels))
+            self.upper.copy_(high)
+        else:
+            signed = bool(x.min() < 0)
+            self.signed.fill_(signed)
+            low, high = search_clip_range(x, self.bits, signed=False, per_channel=False)
+            self.lower.copy_(low if signed else torch.zeros(()))
+            self.upper.copy_(high)
+
+    def _bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.role == "weight":
+            u = self.upper.abs().clamp_min(1e-8)
+            return -u, u
+        low = self.lower.clamp_max(0.0) if bool(self.signed) else torch.zeros_like(self.lower)
+        return low, torch.maximum(self.upper, low + 1e-8)
+
+    def grid(self) -> QuantGrid:
+        low, high = self._bounds()
+        n = 2**self.bits - 1
+        if self.role == "weight":
+            return QuantGrid(self.bits, "bipolar", high / n, torch.zeros_like(high))
+        return QuantGrid(self.bits, "unsigned", (high - low) / n, low)
+
+    def soft_function(self, x: torch.Tensor) -> torch.Tensor:
+        """Q_S without the straight-through sign: the differentiable surrogate itself."""
+        grid = self.grid()
+        low, step = self.view(grid.low, x), self.view(grid.step, x)
+        return dsq_soft(x, low, step, self.bits, self.alpha)
+
+    def soft_forward(self, x: torch.Tensor) -> torch.Tensor:
+        soft = self.soft_function(x)
+        hard = self.hard_forward(x)
+        return soft + (hard - soft).detach()
+
+    def characteristic(self) -> tuple[float, float]:
+        """(α, k·Δ): how far the soft function is from the staircase (α → 0 is hard)."""
+        a = float(self.alpha.clamp(ALPHA_MIN, ALPHA_MAX))
+        return a, math.log(2.0 / a - 1.0)
+
+

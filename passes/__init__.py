@@ -1,0 +1,8 @@
+"""Graph passes, one per module: each takes a ``torch.fx.GraphModule`` and returns one."""
+
+from fxquant.passes.fold_bn import fold_bn, fuse_bn_for_qat
+from fxquant.passes.freeze import freeze
+from fxquant.passes.insert_quant import insert_quantizers, quantizable_layers
+from fxquant.passes.trace import trace
+
+__all__ = ["trace", "fold_bn", "fuse_bn_for_qat", "insert_quantizers", "quantizable_layers", "freeze"]
