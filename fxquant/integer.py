@@ -9,6 +9,10 @@ where ``out_scale = input_step · weight_scale``, ``offset_scale = input_low · 
 ``offset_acc = Σ 1 · w_int`` over the same (zero-padded) window, which only matters when the input grid
 does not start at zero. All rescaling is float32 in this order, so a backend can match it to float32
 rounding while its integer accumulators match exactly.
+
+Codebook (non-uniform) inputs: when ``input_levels_int`` is set, code ``c_a`` stands for the integer
+``input_levels_int[c_a]`` (real value ``input_step * input_levels_int[c_a]``, ``input_low = 0``), and the
+accumulator is ``Σ input_levels_int[c_a] · w_int``: a per-code lookup before the same exact accumulation.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxquant.errors import InputError
-from fxquant.quantizers.grid import threshold_codes, uniform_codes
+from fxquant.quantizers.grid import level_codes, threshold_codes, uniform_codes
 
 __all__ = ["IntegerLayer", "IntegerConv2d", "IntegerLinear"]
 
@@ -41,6 +45,8 @@ class IntegerLayer(nn.Module):
         input_step: torch.Tensor,
         input_thresholds: torch.Tensor | None = None,
         name: str = "",
+        input_levels: torch.Tensor | None = None,
+        input_levels_int: torch.Tensor | None = None,
     ):
         super().__init__()
         out_channels = weight_int.shape[0]
@@ -60,6 +66,13 @@ class IntegerLayer(nn.Module):
         self.register_buffer("offset_scale", (self.input_low * scale).contiguous())
         self.input_thresholds: torch.Tensor | None
         self.register_buffer("input_thresholds", None if input_thresholds is None else input_thresholds.float())
+        # codebook inputs: the real value of each code in the prepared model, and its integer lookup value
+        self.input_levels: torch.Tensor | None
+        self.input_levels_int: torch.Tensor | None
+        self.register_buffer("input_levels", None if input_levels is None else input_levels.detach().float())
+        self.register_buffer(
+            "input_levels_int", None if input_levels_int is None else input_levels_int.to(torch.int32).contiguous()
+        )
         self._offset_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     # -- the reference arithmetic -------------------------------------------------------------------------
@@ -73,19 +86,44 @@ class IntegerLayer(nn.Module):
             return threshold_codes(x, self.input_thresholds)
         return uniform_codes(x, self.input_low, self.input_step, self.act_bits)
 
-    def _accumulate(self, codes: torch.Tensor) -> torch.Tensor:
+    def codes_from_values(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes of an input that is already quantized (the prepared model's input quantizer output)."""
+        if self.input_levels is not None:
+            return level_codes(x, self.input_levels)
+        return uniform_codes(x, self.input_low, self.input_step, self.act_bits)
+
+    def input_values(self, codes: torch.Tensor) -> torch.Tensor:
+        """The integers the accumulator multiplies: the codes, or their lookup values for codebook inputs."""
+        if self.input_levels_int is None:
+            return codes
+        return self.input_levels_int[codes.long()].to(codes.dtype)
+
+    def _accumulate(self, codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def accumulator_bound(self) -> int:
+        """Largest possible |accumulator|: window size × largest code × largest |weight|."""
+        window = self.weight_int[0].numel()
+        largest = 2**self.act_bits - 1 if self.input_levels_int is None else int(self.input_levels_int.abs().max())
+        return window * largest * int(self.weight_int.abs().max())
+
+    @property
+    def exact_dtype(self) -> torch.dtype:
+        """float32 while every partial sum stays below 2**24 (then any summation order is exact), else float64."""
+        return torch.float32 if self.accumulator_bound < 2**24 else torch.float64
+
     def accumulate(self, codes: torch.Tensor) -> torch.Tensor:
-        """Exact integer accumulator (int64): float64 sums of integers are exact below 2**53."""
-        return self._accumulate(codes.to(torch.float64)).round().to(torch.int64)
+        """Exact integer accumulator (int64): sums of integers in float are exact below 2**24 / 2**53."""
+        dtype = self.exact_dtype
+        return self._accumulate(codes.to(dtype), self.weight_int.to(dtype)).round().to(torch.int64)
 
     def offset_accumulator(self, x: torch.Tensor) -> torch.Tensor | None:
         if float(self.input_low) == 0.0:
             return None
         key = tuple(x.shape[1:])
         if key not in self._offset_cache:
-            self._offset_cache[key] = self.accumulate(torch.ones((1, *key), dtype=torch.float64))
+            self._offset_cache[key] = self.accumulate(torch.ones((1, *key)))
         return self._offset_cache[key]
 
     def rescale(self, acc: torch.Tensor, offset_acc: torch.Tensor | None) -> torch.Tensor:
@@ -106,7 +144,7 @@ class IntegerLayer(nn.Module):
 
     def integer_output(self, codes: torch.Tensor) -> torch.Tensor:
         """The layer's float output from input codes: exact accumulation, then the float32 rescale."""
-        return self.rescale(self.accumulate(codes), self.offset_accumulator(codes))
+        return self.rescale(self.accumulate(self.input_values(codes)), self.offset_accumulator(codes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -123,6 +161,7 @@ class IntegerLayer(nn.Module):
             "input_low": float(self.input_low),
             "input_step": float(self.input_step),
             "input_thresholds": self.input_thresholds is not None,
+            "input_codebook": self.input_levels_int is not None,
             "weight_shape": list(self.weight_int.shape),
         }
 
@@ -139,8 +178,8 @@ class IntegerConv2d(IntegerLayer):
     def input_channels(self) -> int:
         return self.weight_int.shape[1] * self.groups
 
-    def _accumulate(self, codes: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(codes, self.weight_int.to(torch.float64), None, self.stride, self.padding, self.dilation, self.groups)
+    def _accumulate(self, codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(codes, weight, None, self.stride, self.padding, self.dilation, self.groups)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -166,8 +205,8 @@ class IntegerLinear(IntegerLayer):
                 f"got shape {tuple(x.shape)}"
             )
 
-    def _accumulate(self, codes: torch.Tensor) -> torch.Tensor:
-        return F.linear(codes, self.weight_int.to(torch.float64))
+    def _accumulate(self, codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(codes, weight)
 
     def rescale(self, acc: torch.Tensor, offset_acc: torch.Tensor | None) -> torch.Tensor:
         const = self.bias
@@ -180,5 +219,5 @@ class IntegerLinear(IntegerLayer):
             return None
         key = (x.shape[-1],)
         if key not in self._offset_cache:
-            self._offset_cache[key] = self.accumulate(torch.ones((1, *key), dtype=torch.float64))
+            self._offset_cache[key] = self.accumulate(torch.ones((1, *key)))
         return self._offset_cache[key]
