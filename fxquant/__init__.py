@@ -5,7 +5,7 @@
     ref = fxquant.convert(qmodel, backend="torch")
 """
 
-from fxquant.api import convert, prepare, quantized_layer_names, quantizers_of, update_schedules
+from fxquant.api import convert, freeze_bn_stats, prepare, quantized_layer_names, quantizers_of, update_schedules
 from fxquant.config import LayerOverride, QuantConfig
 from fxquant.errors import (
     BackendError,
@@ -26,6 +26,7 @@ __all__ = [
     "prepare",
     "convert",
     "update_schedules",
+    "freeze_bn_stats",
     "quantizers_of",
     "quantized_layer_names",
     "QuantConfig",

@@ -14,7 +14,7 @@ from fxquant.errors import ConfigError, FxQuantError
 from fxquant.layers import QuantLayer
 from fxquant.quantizers.base import Quantizer
 
-__all__ = ["prepare", "convert", "update_schedules", "quantizers_of", "quantized_layer_names"]
+__all__ = ["prepare", "convert", "update_schedules", "freeze_bn_stats", "quantizers_of", "quantized_layer_names"]
 
 
 def prepare(
@@ -81,6 +81,19 @@ def update_schedules(model: nn.Module, progress: float) -> None:
         raise ConfigError(f"progress={progress!r} must be between 0 and 1")
     for q in quantizers_of(model).values():
         q.update_schedule(progress)
+
+
+def freeze_bn_stats(model: nn.Module, frozen: bool = True) -> None:
+    """Stop (or resume) batch-norm statistics updates in a prepared model's fused layers.
+
+    With frozen statistics a training step folds the running statistics into the quantized weight, as in
+    eval. Freeze them for the last epochs of QAT (Jacob et al. 2018), or from the start when fine-tuning
+    a trained model whose low-bit activations leave some channels constant: batch statistics of a
+    constant channel divide gradients by sqrt(eps), which compounds over deep nets.
+    """
+    for layer in model.modules():
+        if isinstance(layer, QuantLayer):
+            layer.bn_frozen.fill_(frozen)
 
 
 def convert(model: fx.GraphModule, backend: str = "torch", **options: Any) -> Any:

@@ -79,17 +79,18 @@ class QuantLayer(nn.Module):
         self.bn = bn
         self.weight_quant = weight_quant
         self.input_quant = input_quant
+        # with frozen statistics, training folds the running statistics too (no batch-statistics path)
+        self.register_buffer("bn_frozen", torch.tensor(False))
 
     def integer_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Eval path: recover the input codes (``x`` is on the input grid) and run the integer layer."""
         from fxquant.passes.freeze import freeze_layer
-        from fxquant.quantizers.grid import uniform_codes
 
         if not bool(self.weight_quant.initialized):
             with torch.no_grad():
                 self.weight_quant(self.folded_weight_bias()[0])
         frozen = freeze_layer(self)
-        codes = uniform_codes(x, frozen.input_low, frozen.input_step, frozen.act_bits)
+        codes = frozen.codes_from_values(x)
         return frozen.integer_output(codes)
 
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -101,8 +102,9 @@ class QuantLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return self.integer_forward(x)
-        if self.bn is None:
-            return _apply(self.layer, x, self.weight_quant(self.layer.weight), self.layer.bias)
+        if self.bn is None or bool(self.bn_frozen):
+            weight, bias = self.folded_weight_bias()
+            return _apply(self.layer, x, self.weight_quant(weight), bias)
         bn = self.bn
         running_std = torch.sqrt(bn.running_var + bn.eps)
         factor = bn.weight / running_std if bn.affine else 1.0 / running_std

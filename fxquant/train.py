@@ -19,7 +19,7 @@ def first_non_finite_layer(model: nn.Module, x: torch.Tensor) -> str | None:
     found: list[str] = []
     hooks = []
     for name, module in model.named_modules():
-        if name and not list(module.children()):
+        if name:  # every submodule: the innermost one to finish first with a bad output is named
             def hook(mod, inp, out, name=name):
                 if not found and isinstance(out, torch.Tensor) and not torch.isfinite(out).all():
                     found.append(name)
@@ -43,9 +43,11 @@ def train_epoch(
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     description: str = "train",
     max_steps: int | None = None,
+    clip_grad_norm: float | None = None,
 ) -> float:
     """One pass over ``loader``; returns the mean loss. ``on_step(step)`` runs after each optimizer step
-    (drive quantizer schedules from it). A non-finite loss raises :class:`NumericsError` naming the layer."""
+    (drive quantizer schedules from it); ``clip_grad_norm`` bounds each step (QN and QAT of deep nets
+    need it). A non-finite loss raises :class:`NumericsError` naming the layer."""
     model.train()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=description, disable=not progress, leave=False, dynamic_ncols=True)
@@ -62,6 +64,8 @@ def train_epoch(
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()

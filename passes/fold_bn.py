@@ -44,6 +44,7 @@ def _replace_pair(gm: fx.GraphModule, layer_node: fx.Node, bn_node: fx.Node, new
     setattr(gm.get_submodule(parent) if parent else gm, attr, new_module)
     bn_node.replace_all_uses_with(layer_node)
     gm.graph.erase_node(bn_node)
+    gm.delete_submodule(bn_node.target)  # the fused module owns it now; no alias stays behind
 
 
 def fold_bn(gm: fx.GraphModule) -> fx.GraphModule:
