@@ -6,7 +6,10 @@
 """
 
 from fxquant.api import convert, freeze_bn_stats, prepare, quantized_layer_names, quantizers_of, update_schedules
+from fxquant.budget import Budget
+from fxquant.checkpoint import Checkpoint, load_prepared, load_reference, read_checkpoint, save_checkpoint
 from fxquant.config import LayerOverride, QuantConfig
+from fxquant.config_file import load_config_file
 from fxquant.errors import (
     BackendError,
     BudgetError,
@@ -18,7 +21,10 @@ from fxquant.errors import (
     TracingError,
     UnsupportedOpError,
 )
+from fxquant.input_guard import InputGuard
+from fxquant.model_spec import ModelSpec
 from fxquant.plan import BitwidthPlan
+from fxquant.search import SearchOptions, search, search_report
 
 __version__ = "0.1.0"
 
@@ -32,6 +38,10 @@ __all__ = [
     "QuantConfig",
     "LayerOverride",
     "BitwidthPlan",
+    "search",
+    "search_report",
+    "SearchOptions",
+    "Budget",
     "FxQuantError",
     "ConfigError",
     "TracingError",
@@ -41,5 +51,13 @@ __all__ = [
     "BackendError",
     "InputError",
     "NumericsError",
+    "Checkpoint",
+    "save_checkpoint",
+    "read_checkpoint",
+    "load_prepared",
+    "load_reference",
+    "load_config_file",
+    "ModelSpec",
+    "InputGuard",
     "__version__",
 ]

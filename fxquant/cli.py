@@ -4,6 +4,7 @@ reason on a fxquant error, 2 on bad usage."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -21,9 +22,28 @@ def _demo(parser: argparse.ArgumentParser) -> Handler:
     return demo.main
 
 
+def _pipeline(module: str) -> Callable[[argparse.ArgumentParser], Handler]:
+    """A pipeline stage: its module's ``COMMAND`` (a :class:`fxquant.cli_common.PipelineCommand`)."""
+
+    def setup(parser: argparse.ArgumentParser) -> Handler:
+        return importlib.import_module(module).COMMAND.setup(parser)
+
+    return setup
+
+
 #: subcommand name -> (help, function that adds its arguments and returns its handler)
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Handler]]] = {
     "demo": ("train a ResNet on Fashion-MNIST, quantize it with DSQ W4A4 and check the integer reference", _demo),
+    "prepare": ("build a model from MODULE:FUNCTION, quantize it per a config file, write a checkpoint",
+                _pipeline("fxquant.cli_prepare")),
+    "train": ("QAT-train a prepared checkpoint (resumable)", _pipeline("fxquant.cli_train")),
+    "search": ("search per-layer bitwidths under a budget (SDQ); write a BitwidthPlan",
+               _pipeline("fxquant.cli_search")),
+    "convert": ("hard-quantize a checkpoint for a backend (torch reference or TVM artifacts)",
+                _pipeline("fxquant.cli_convert")),
+    "verify": ("compare a converted model with the integer reference on data", _pipeline("fxquant.cli_verify")),
+    "inspect": ("per-layer bits, scales, weight SQNR and activation ranges of a checkpoint",
+                _pipeline("fxquant.cli_inspect")),
 }
 
 
@@ -41,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except FxQuantError as exc:
-        print(f"fxquant {args.command}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line, all of it
+        print(f"fxquant {args.command}: error: {reason}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"fxquant {args.command}: interrupted", file=sys.stderr)

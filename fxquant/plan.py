@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from fxquant.config import MAX_BITS, MIN_BITS
 from fxquant.errors import ConfigError
@@ -25,6 +25,10 @@ class BitwidthPlan:
 
         plan = BitwidthPlan({"conv1": (8, 8), "layer1.0.conv1": (3, 4)})
         plan.save("plan.json"); BitwidthPlan.load("plan.json") == plan
+        plan.report("plan.png")   # per-layer table and bar chart (a searched plan carries the layer sizes)
+
+    ``metadata`` must be JSON data; a searched plan keeps the budget, the achieved costs, the layer sizes
+    (``metadata["layers"]``), the ties and the search's sensitivities there.
     """
 
     bits: Mapping[str, tuple[int, int]]
@@ -48,7 +52,8 @@ class BitwidthPlan:
             raise ConfigError(f"plan names layers the model does not have: {unknown}; layers are: {layers}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": PLAN_FORMAT, "bits": {k: list(v) for k, v in self.bits.items()}, "metadata": dict(self.metadata)}
+        bits = {k: list(v) for k, v in self.bits.items()}
+        return {"format": PLAN_FORMAT, "bits": bits, "metadata": dict(self.metadata)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BitwidthPlan:
@@ -62,6 +67,20 @@ class BitwidthPlan:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
+
+    def report(
+        self,
+        png_path: str | os.PathLike | None = None,
+        costs: Mapping[str, Any] | None = None,
+        file: TextIO | None = None,
+        title: str | None = None,
+        quiet: bool = False,
+    ) -> str:
+        """Per-layer table of bits, MACs and BitOPs (printed unless ``quiet``), and a bar chart with
+        ``png_path``; see :func:`fxquant.search_report`."""
+        from fxquant.search import search_report
+
+        return search_report(self, png_path, costs, file, title, quiet)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BitwidthPlan:

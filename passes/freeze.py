@@ -40,6 +40,8 @@ def freeze_layer(qlayer: QuantLayer, name: str = "") -> IntegerLayer:
             input_step=a_grid.step,
             input_thresholds=a_grid.thresholds,
             name=name,
+            input_levels=a_grid.levels if a_grid.encoding == "codebook" else None,
+            input_levels_int=a_grid.levels_int if a_grid.encoding == "codebook" else None,
         )
         layer = qlayer.layer
         if isinstance(layer, nn.Conv2d):

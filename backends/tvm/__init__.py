@@ -1,1 +1,47 @@
-"""TVM backends (``"tvm-llvm"``, ``"tvm-arm"``): lower the frozen integer graph to Relax."""
+"""TVM backends (``"tvm-llvm"``, ``"tvm-arm"``): lower the frozen integer graph to Relax and compile it.
+
+Example::
+
+    mod = fxquant.convert(qmodel, backend="tvm-llvm")            # runs here, on the host CPU
+    print(mod.report())                                            # which kernel each layer got, and why
+    art = fxquant.convert(qmodel, backend="tvm-arm", output_dir="artifacts/resnet")   # model.so for aarch64
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fxquant.backends.registry import register_backend
+from fxquant.backends.tvm.artifact import Artifact, export_artifact, load_manifest, verify_artifact
+from fxquant.backends.tvm.build import arm_target_dict, compile_module, host_target_dict, make_target
+from fxquant.backends.tvm.lower import lower_graph
+from fxquant.backends.tvm.manifest import build_manifest
+from fxquant.backends.tvm.options import ArmOptions, TvmOptions
+from fxquant.backends.tvm.runtime import TvmModule
+from torch import fx
+
+__all__ = ["lower_tvm_llvm", "lower_tvm_arm", "TvmModule", "Artifact", "load_manifest", "verify_artifact"]
+
+
+@register_backend("tvm-llvm")
+def lower_tvm_llvm(frozen: fx.GraphModule, **options: Any) -> TvmModule:
+    """Compile for this machine's CPU; returns a callable module with ``.manifest`` and ``.report()``."""
+    opts = TvmOptions.parse("tvm-llvm", options)
+    target = make_target(host_target_dict(), opts.target)
+    lowered = lower_graph(frozen, opts, target)
+    build = compile_module(lowered.mod, target)
+    manifest = build_manifest("tvm-llvm", lowered, build, target, opts)
+    manifest["build_seconds"] = round(build.seconds, 3)
+    return TvmModule(build.executable, manifest, lowered.inputs, lowered.outputs, lowered.output_is_tuple,
+                     lowered.accumulators)
+
+
+@register_backend("tvm-arm")
+def lower_tvm_arm(frozen: fx.GraphModule, **options: Any) -> Artifact:
+    """Cross-compile for aarch64 + NEON and write ``output_dir`` (model.so, manifest.json, run_model.py)."""
+    opts = ArmOptions.parse("tvm-arm", options)
+    target = make_target(arm_target_dict(), opts.target)
+    lowered = lower_graph(frozen, opts, target)
+    build = compile_module(lowered.mod, target)
+    manifest = build_manifest("tvm-arm", lowered, build, target, opts)
+    return export_artifact(build.executable, manifest, opts.output_dir, force=opts.force)

@@ -1,6 +1,6 @@
 """Quantization schemes, one per module; importing this package registers them all."""
 
-from fxquant.quantizers import dsq, ste  # noqa: E402,F401  (registration)
+from fxquant.quantizers import dsq, lcq, lsq, qn, sdq, ste  # noqa: E402,F401  (registration; sdq wraps the others)
 from fxquant.quantizers.base import Quantizer, search_clip_range
 from fxquant.quantizers.grid import QuantGrid, threshold_codes, uniform_codes
 from fxquant.quantizers.registry import available_quantizers, get_quantizer, register_quantizer

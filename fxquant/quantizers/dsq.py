@@ -128,7 +128,8 @@ class DSQQuantizer(Quantizer):
         if self.role == "weight":
             u = self.upper.abs().clamp_min(1e-8)
             return -u, u
-        low = self.lower.clamp_max(0.0) if bool(self.signed) else torch.zeros_like(self.lower)
+        # unsigned: l = 0, kept in the graph with a zero gradient so that DDP sees every parameter used
+        low = self.lower.clamp_max(0.0) if bool(self.signed) else self.lower * 0.0
         return low, torch.maximum(self.upper, low + 1e-8)
 
     def grid(self) -> QuantGrid:
@@ -152,7 +153,7 @@ class DSQQuantizer(Quantizer):
 
     def characteristic(self) -> tuple[float, float]:
         """(α, k·Δ): how far the soft function is from the staircase (α → 0 is hard)."""
-        a = float(self.alpha.clamp(ALPHA_MIN, ALPHA_MAX))
+        a = float(self.alpha.detach().clamp(ALPHA_MIN, ALPHA_MAX))
         return a, math.log(2.0 / a - 1.0)
 
 

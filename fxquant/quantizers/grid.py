@@ -8,6 +8,10 @@ the encoding, and the real value ``offset + scale * int_value``:
 - ``unsigned``: int = c                 (the bit-serial activation encoding)
 - ``codebook``: real = levels[c]        (non-uniform; deployed as a lookup table)
 
+A codebook grid also carries ``levels_int``, the levels requantized to 8-bit integers with its ``scale``
+(``levels ≈ scale * levels_int``, see :func:`requantize_levels`): that lookup table is what the integer
+arithmetic uses, so the integer value of code ``c`` is ``levels_int[c]`` (``mult = 1, zero = 0``).
+
 Codes come either from rounding on the uniform grid or, for non-uniform thresholds, from comparisons.
 Both the prepared model's hard forward and the frozen integer graph call :func:`uniform_codes` on the
 same float32 tensors, so their codes agree bit for bit.
@@ -20,7 +24,16 @@ from typing import Literal
 
 import torch
 
-__all__ = ["QuantGrid", "Encoding", "uniform_codes", "threshold_codes", "channel_view", "ENCODINGS"]
+__all__ = [
+    "QuantGrid",
+    "Encoding",
+    "uniform_codes",
+    "threshold_codes",
+    "channel_view",
+    "requantize_levels",
+    "level_codes",
+    "ENCODINGS",
+]
 
 Encoding = Literal["bipolar", "signed", "unsigned", "codebook"]
 ENCODINGS = ("bipolar", "signed", "unsigned", "codebook")
@@ -28,7 +41,7 @@ ENCODINGS = ("bipolar", "signed", "unsigned", "codebook")
 
 def encoding_mult_zero(encoding: str, bits: int) -> tuple[int, int]:
     n = 2**bits - 1
-    return {"bipolar": (2, -n), "signed": (1, -(2 ** (bits - 1))), "unsigned": (1, 0)}[encoding]
+    return {"bipolar": (2, -n), "signed": (1, -(2 ** (bits - 1))), "unsigned": (1, 0), "codebook": (1, 0)}[encoding]
 
 
 def channel_view(t: torch.Tensor, like: torch.Tensor, axis: int = 0) -> torch.Tensor:
@@ -47,9 +60,39 @@ def uniform_codes(x: torch.Tensor, low: torch.Tensor, step: torch.Tensor, bits: 
     return torch.clamp(torch.floor((x - low) / step + 0.5), 0, 2**bits - 1)
 
 
-def threshold_codes(x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Codes as the number of (sorted) thresholds that ``x`` reaches: a staircase with arbitrary steps."""
-    return torch.bucketize(x, thresholds, right=True).to(x.dtype)
+def threshold_codes(x: torch.Tensor, thresholds: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """Codes as the number of (sorted) thresholds that ``x`` reaches: a staircase with arbitrary steps.
+
+    ``thresholds`` is 1-D (shared) or 2-D ``(channels, n)``: one sorted row per channel along ``axis``.
+    """
+    if thresholds.dim() <= 1:
+        return torch.bucketize(x, thresholds, right=True).to(x.dtype)
+    codes = torch.zeros_like(x)
+    for i in range(thresholds.shape[1]):
+        codes = codes + (x >= channel_view(thresholds[:, i], x, axis)).to(x.dtype)
+    return codes
+
+
+def requantize_levels(levels: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer lookup values and scale of codebook ``levels`` (1-D, or 2-D with one row per channel).
+
+    ``scale = max|level| / qmax`` per row and ``levels_int = round(level / scale)``, with ``qmax = 2**bits - 1``
+    when every level of the tensor is non-negative (an unsigned table) and ``2**(bits-1) - 1`` otherwise
+    (a symmetric signed table), so that ``levels ≈ scale * levels_int`` with integer arithmetic downstream.
+    """
+    lv = levels.detach().float()
+    qmax = 2**bits - 1 if bool((lv >= 0).all()) else 2 ** (bits - 1) - 1
+    peak = lv.abs().amax(dim=-1) if lv.dim() > 1 else lv.abs().amax()
+    scale = (peak / qmax).clamp_min(1e-12)
+    ints = torch.clamp(torch.floor(lv / scale.unsqueeze(-1) + 0.5) if lv.dim() > 1 else torch.floor(lv / scale + 0.5),
+                       -qmax, qmax)
+    return ints.to(torch.int64), scale
+
+
+def level_codes(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Codes of values that lie on the sorted 1-D ``levels`` (the nearest level; used to recover codes)."""
+    mids = (levels[1:] + levels[:-1]) * 0.5
+    return torch.bucketize(x, mids.to(x.dtype), right=True).to(x.dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,8 +100,10 @@ class QuantGrid:
     """What ``freeze`` needs to turn a quantizer into integer arithmetic.
 
     ``scale`` and ``offset`` are float32 tensors (per-channel along axis 0 for weights, scalars for
-    activations). ``levels`` holds the codebook values for ``encoding == "codebook"``; ``thresholds``
-    the code boundaries of a threshold-based (non-uniform) activation quantizer.
+    activations). ``levels`` holds the codebook values for ``encoding == "codebook"`` (1-D, or
+    ``(channels, codes)``), and ``levels_int`` their integer lookup values (real ≈ ``scale * levels_int``);
+    ``thresholds`` the code boundaries of a threshold-based quantizer, in input units (sorted; 1-D, or
+    ``(channels, n)`` for per-channel weights).
     """
 
     bits: int
@@ -67,6 +112,7 @@ class QuantGrid:
     offset: torch.Tensor
     levels: torch.Tensor | None = None
     thresholds: torch.Tensor | None = None
+    levels_int: torch.Tensor | None = None
 
     @property
     def uniform(self) -> bool:
@@ -84,14 +130,18 @@ class QuantGrid:
     def low(self) -> torch.Tensor:
         return self.offset + self.scale * self.mult_zero[1]
 
-    def int_values(self, codes: torch.Tensor) -> torch.Tensor:
+    def int_values(self, codes: torch.Tensor, axis: int = 0) -> torch.Tensor:
+        if self.encoding == "codebook":
+            if self.levels_int is None:
+                raise ValueError("a codebook grid needs levels_int to give integer values")
+            return _lookup(self.levels_int, codes, axis)
         mult, zero = self.mult_zero
         return codes.to(torch.int64) * mult + zero
 
     def codes(self, x: torch.Tensor, axis: int = 0) -> torch.Tensor:
         """Integer codes of ``x`` (as float tensor of whole numbers) under this grid."""
         if self.thresholds is not None:
-            return threshold_codes(x, self.thresholds)
+            return threshold_codes(x, self.thresholds, axis)
         if self.encoding == "codebook":
             raise NotImplementedError("codebook grids produce codes through their quantizer")
         return uniform_codes(x, channel_view(self.low, x, axis), channel_view(self.step, x, axis), self.bits)
@@ -100,9 +150,14 @@ class QuantGrid:
         """Real values of ``codes``; the prepared model's hard forward uses exactly this."""
         if self.encoding == "codebook":
             assert self.levels is not None
-            if self.levels.dim() == 1:
-                return self.levels[codes.long()]
-            idx = codes.long().movedim(axis, 0).reshape(codes.shape[axis], -1)
-            vals = torch.gather(self.levels, 1, idx).reshape(codes.movedim(axis, 0).shape)
-            return vals.movedim(0, axis)
+            return _lookup(self.levels, codes, axis)
         return channel_view(self.low, codes, axis) + channel_view(self.step, codes, axis) * codes
+
+
+def _lookup(table: torch.Tensor, codes: torch.Tensor, axis: int) -> torch.Tensor:
+    """``table[codes]`` for a 1-D table, or row ``k`` of a 2-D table for channel ``k`` along ``axis``."""
+    if table.dim() == 1:
+        return table[codes.long()]
+    idx = codes.long().movedim(axis, 0).reshape(codes.shape[axis], -1)
+    vals = torch.gather(table, 1, idx).reshape(codes.movedim(axis, 0).shape)
+    return vals.movedim(0, axis)

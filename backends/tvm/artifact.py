@@ -1,0 +1,120 @@
+"""The ``"tvm-arm"`` artifact folder: ``model.so`` (aarch64), ``manifest.json`` and ``run_model.py``.
+
+The folder is built in a temporary sibling and renamed into place, so a reader never sees half an
+artifact; an existing folder is replaced only with ``force=True``. The manifest records the sha256 of
+``model.so`` and every reader checks it, so a truncated or corrupted copy fails with the file's name.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tvm
+from fxquant.backends.tvm.build import ARM_TRIPLE
+from fxquant.backends.tvm.manifest import manifest_json, report, sha256_file
+from tvm.support import cc
+
+from fxquant.errors import BackendError
+
+__all__ = ["Artifact", "export_artifact", "load_manifest", "verify_artifact", "cross_compiler_name", "ARTIFACT_FILES"]
+
+ARTIFACT_FILES = ("model.so", "manifest.json", "run_model.py")
+_RUNNER = Path(__file__).with_name("run_model.py")
+
+
+def cross_compiler_name() -> str:
+    return f"{ARM_TRIPLE}-g++"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A written artifact folder and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def library(self) -> Path:
+        return self.path / "model.so"
+
+    def report(self) -> str:
+        return report(self.manifest)
+
+
+def _export_library(executable: tvm.runtime.Executable, path: Path) -> None:
+    compiler = cross_compiler_name()
+    if shutil.which(compiler) is None:
+        raise BackendError(f"{compiler} not found: install g++-aarch64-linux-gnu (see .ci/setup-arm)")
+    try:
+        executable.export_library(str(path), fcompile=cc.cross_compiler(compiler))
+    except Exception as exc:
+        raise BackendError(f"exporting {path.name} with {compiler} failed: {exc}") from exc
+
+
+def export_artifact(
+    executable: tvm.runtime.Executable, manifest: dict[str, Any], output_dir: Path, force: bool = False
+) -> Artifact:
+    """Write the folder atomically; refuse to replace an existing one unless ``force``.
+
+    Example::
+
+        art = export_artifact(build.executable, manifest, Path("artifacts/resnet"))
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not force:
+        raise BackendError(f"output_dir {output_dir} already exists; pass force=True to replace it")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be copied and read
+    try:
+        library = staging / "model.so"
+        _export_library(executable, library)
+        shutil.copyfile(_RUNNER, staging / "run_model.py")
+        recorded = {"sha256": sha256_file(library), "bytes": library.stat().st_size}
+        manifest = {**manifest, "files": {"model.so": recorded}}
+        (staging / "manifest.json").write_text(manifest_json(manifest))
+        if output_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old.", dir=output_dir.parent))
+            output_dir.rename(trash / "old")
+            staging.rename(output_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Artifact(output_dir, manifest)
+
+
+def load_manifest(artifact_dir: str | Path) -> dict[str, Any]:
+    path = Path(artifact_dir) / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise BackendError(f"{path} is missing: not an fxquant TVM artifact") from exc
+    except json.JSONDecodeError as exc:
+        raise BackendError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def verify_artifact(artifact_dir: str | Path) -> dict[str, Any]:
+    """The manifest, after checking that every file exists and model.so matches its recorded sha256."""
+    artifact_dir = Path(artifact_dir)
+    manifest = load_manifest(artifact_dir)
+    for name in ARTIFACT_FILES:
+        if not (artifact_dir / name).is_file():
+            raise BackendError(f"{artifact_dir / name} is missing")
+    library = artifact_dir / "model.so"
+    recorded = manifest.get("files", {}).get("model.so", {})
+    actual = sha256_file(library)
+    if actual != recorded.get("sha256"):
+        size = library.stat().st_size
+        raise BackendError(
+            f"{library} does not match manifest.json (sha256 {actual[:12]}… vs {str(recorded.get('sha256'))[:12]}…, "
+            f"{size} vs {recorded.get('bytes')} bytes): truncated or corrupted"
+        )
+    return manifest

@@ -1,0 +1,107 @@
+"""State shared by the converters while one frozen graph is translated to Relax, and the converter type."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, TypeVar
+
+import tvm
+from fxquant.backends.tvm.options import TvmOptions
+from torch import fx, nn
+from tvm import relax, tirx
+
+from fxquant.errors import BackendError
+
+__all__ = ["Converter", "LayerRecord", "LoweringContext", "node_label"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One compute layer as the manifest reports it: which kernel it got and why."""
+
+    name: str
+    kind: str
+    kernel: str
+    reason: str
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def node_label(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """``name (op target)`` with the module type for call_module: how errors name a node."""
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        what = f"{type(module).__module__}.{type(module).__name__}" if module is not None else "missing module"
+        return f"{node.name} (call_module {node.target}: {what})"
+    if node.op == "call_function":
+        target = node.target
+        what = f"{getattr(target, '__module__', '') or ''}.{getattr(target, '__name__', repr(target))}".lstrip(".")
+        return f"{node.name} (call_function {what})"
+    return f"{node.name} ({node.op} {node.target})"
+
+
+@dataclass
+class LoweringContext:
+    """The BlockBuilder, the fx-node -> value environment and what the manifest will report."""
+
+    bb: relax.BlockBuilder
+    modules: dict[str, nn.Module]
+    target: tvm.target.Target
+    options: TvmOptions
+    bitserial: ModuleType | None
+    env: dict[fx.Node, Any] = field(default_factory=dict)
+    layers: list[LayerRecord] = field(default_factory=list)
+    accumulators: list[tuple[str, relax.Expr]] = field(default_factory=list)
+    _cache: dict[Any, Any] = field(default_factory=dict)
+    _kernels: dict[Any, tvm.ir.GlobalVar] = field(default_factory=dict)
+
+    def value(self, arg: Any) -> Any:
+        """An fx argument with every node replaced by its translated value (Relax expr or Python value)."""
+        return fx.node.map_aggregate(arg, lambda a: self.env[a] if isinstance(a, fx.Node) else a)
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.modules[str(node.target)]
+
+    @staticmethod
+    def shape(expr: relax.Expr) -> tuple[int, ...]:
+        """Static shape of a tensor-valued Relax expression."""
+        info = expr.ty
+        if not isinstance(info, relax.TensorType) or info.shape is None:
+            raise BackendError(f"expected a tensor with a static shape, got {info}")
+        return tuple(int(d) for d in info.shape.values)
+
+    @staticmethod
+    def dtype(expr: relax.Expr) -> str:
+        return str(expr.ty.dtype)
+
+    def cached(self, key: Any, build: Callable[[], T]) -> T:
+        """Build a kernel once per key (same shapes and dtypes): TE plus scheduling is the slow part."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def add_kernel(self, func: tirx.PrimFunc, name: str, key: Any = None) -> tvm.ir.GlobalVar:
+        """Add a scheduled PrimFunc once (by ``key``); opaque so fusion leaves its schedule alone."""
+        if key is not None and key in self._kernels:
+            return self._kernels[key]
+        if func.attrs is not None and "global_symbol" in func.attrs:
+            func = func.without_attr("global_symbol")
+        func = func.with_attrs({"op_pattern": 8, "tirx.is_scheduled": True})
+        gv = self.bb.add_func(func, name)
+        if key is not None:
+            self._kernels[key] = gv
+        return gv
+
+
+@dataclass(frozen=True)
+class Converter:
+    """How one kind of fx node becomes Relax: ``emit`` translates, ``check`` (static) says why it cannot."""
+
+    emit: Callable[[LoweringContext, fx.Node], Any]
+    check: Callable[[fx.Node, nn.Module | None], str | None] | None = None
+
+    def unsupported_reason(self, node: fx.Node, module: nn.Module | None) -> str | None:
+        return None if self.check is None else self.check(node, module)

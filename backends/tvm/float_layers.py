@@ -1,0 +1,100 @@
+"""Converters of layers left in float32 (excluded from quantization): conv2d, linear and eval batch norm.
+
+Conv and linear use the same direct kernels as the integer fallback, instantiated for float32, and are
+reported as ``"float"`` in the manifest. Their sums run in another order than PyTorch's, so they agree
+with the reference to float32 rounding rather than bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from fxquant.backends.tvm.context import Converter, LayerRecord, LoweringContext
+from fxquant.backends.tvm.direct import DirectKernel, direct_conv2d, direct_dense
+from fxquant.backends.tvm.geometry import DenseGeometry, conv_geometry
+from torch import fx, nn
+from tvm import relax
+
+__all__ = ["MODULE_CONVERTERS"]
+
+
+def _record(ctx: LoweringContext, node: fx.Node, module: nn.Module, layout: str, macs: int) -> None:
+    facts = {"name": str(node.target), "kind": type(module).__name__, "layout": layout, "macs": macs}
+    reason = "not quantized (kept float32)"
+    ctx.layers.append(LayerRecord(str(node.target), type(module).__name__, "float", reason, facts))
+
+
+def _with_bias(ctx: LoweringContext, out: relax.Expr, bias: torch.Tensor | None, rank: int) -> relax.Expr:
+    if bias is None:
+        return out
+    shape = (1, -1) + (1,) * (rank - 2)
+    return ctx.bb.emit(relax.op.add(out, relax.const(bias.detach().float().reshape(shape).numpy())))
+
+
+def _conv(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
+    module = ctx.module(node)
+    assert isinstance(module, nn.Conv2d)
+    x = ctx.value(node.args[0])
+    geom = conv_geometry(
+        ctx.shape(x), tuple(module.weight.shape), module.stride, module.padding, module.dilation, module.groups,
+        str(node.target),
+    )
+    key = ("direct-float", geom)
+    kernel: DirectKernel = ctx.cached(key, lambda: direct_conv2d(geom, "float32", "float32", "float32"))
+    gv = ctx.add_kernel(kernel.func, "direct_float_conv2d", key)
+    weight = kernel.pack(module.weight.detach().float().numpy())
+    out = ctx.bb.emit(relax.call_tir(gv, [x, relax.const(weight)], relax.TensorType(geom.output_shape, "float32")))
+    _record(ctx, node, module, kernel.layout, geom.macs)
+    return _with_bias(ctx, out, module.bias, 4)
+
+
+def _linear(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
+    module = ctx.module(node)
+    assert isinstance(module, nn.Linear)
+    x = ctx.value(node.args[0])
+    shape = ctx.shape(x)
+    if len(shape) != 2:
+        raise NotImplementedError(f"linear on a rank-{len(shape)} input")
+    geom = DenseGeometry(shape[0], shape[1], module.out_features)
+    key = ("direct-float", geom)
+    kernel: DirectKernel = ctx.cached(key, lambda: direct_dense(geom, "float32", "float32", "float32"))
+    gv = ctx.add_kernel(kernel.func, "direct_float_dense", key)
+    weight = kernel.pack(module.weight.detach().float().numpy())
+    out = ctx.bb.emit(relax.call_tir(gv, [x, relax.const(weight)], relax.TensorType(geom.output_shape, "float32")))
+    _record(ctx, node, module, kernel.layout, geom.macs)
+    return _with_bias(ctx, out, module.bias, 2)
+
+
+def _batch_norm(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
+    """Eval batch norm as ``x * a + b`` with PyTorch's folded ``a = w / sqrt(var + eps)``, ``b = bias - mean * a``."""
+    module = ctx.module(node)
+    assert isinstance(module, nn.BatchNorm2d) and module.running_var is not None and module.running_mean is not None
+    with torch.no_grad():
+        weight = module.weight if module.weight is not None else torch.ones_like(module.running_var)
+        bias = module.bias if module.bias is not None else torch.zeros_like(module.running_mean)
+        alpha = weight / torch.sqrt(module.running_var + module.eps)
+        beta = bias - module.running_mean * alpha
+    x = ctx.value(node.args[0])
+    scaled = ctx.bb.emit(relax.op.multiply(x, relax.const(alpha.float().reshape(1, -1, 1, 1).numpy())))
+    return ctx.bb.emit(relax.op.add(scaled, relax.const(beta.float().reshape(1, -1, 1, 1).numpy().astype(np.float32))))
+
+
+def _batch_norm_problem(node: fx.Node, module: nn.Module | None) -> str | None:
+    assert isinstance(module, nn.BatchNorm2d)
+    if module.training:
+        return "BatchNorm2d in training mode"
+    if module.running_mean is None or module.running_var is None:
+        return "BatchNorm2d without running statistics"
+    return None
+
+
+def _conv_problem(node: fx.Node, module: nn.Module | None) -> str | None:
+    assert isinstance(module, nn.Conv2d)
+    return f"padding_mode={module.padding_mode!r}" if module.padding_mode != "zeros" else None
+
+
+MODULE_CONVERTERS: dict[type, Converter] = {
+    nn.Conv2d: Converter(_conv, _conv_problem),
+    nn.Linear: Converter(_linear),
+    nn.BatchNorm2d: Converter(_batch_norm, _batch_norm_problem),
+}

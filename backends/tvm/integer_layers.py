@@ -1,0 +1,154 @@
+"""Converters of the frozen integer layers: quantize to codes, accumulate in int32, rescale in float32.
+
+Per layer: ``codes = quantize(x)`` (uniform rounding, thresholds, and a lookup for codebook inputs),
+``acc = kernel(codes, packed_weight)`` through ``call_tir`` (the bit-serial kernel or the direct integer
+kernel, see :mod:`fxquant.backends.tvm.selection`), then ``acc * out_scale + const`` where ``const`` (bias
+plus the input-offset term) is computed once here with the reference's own float32 code.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import torch
+from fxquant.backends.tvm import integer_ops
+from fxquant.backends.tvm.context import Converter, LayerRecord, LoweringContext
+from fxquant.backends.tvm.direct import direct_conv2d, direct_dense
+from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry, conv_geometry
+from fxquant.backends.tvm.selection import KernelChoice, select_kernel, weight_storage_dtype
+from torch import fx, nn
+from tvm import relax
+
+from fxquant.errors import BackendError
+from fxquant.integer import IntegerConv2d, IntegerLayer, IntegerLinear
+
+__all__ = ["MODULE_CONVERTERS", "integer_layer_problem", "padded_thresholds"]
+
+INT32_MAX = 2**31 - 1
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"\W", "_", name) or "layer"
+
+
+def integer_layer_problem(node: fx.Node, layer: nn.Module | None) -> str | None:
+    """Why an integer layer cannot be lowered (static facts only), or None."""
+    assert isinstance(layer, IntegerLayer)
+    thresholds = layer.input_thresholds
+    if thresholds is not None and thresholds.dim() > 1:
+        return "per-channel activation thresholds are not supported"
+    if layer.accumulator_bound > INT32_MAX:
+        return f"accumulator bound {layer.accumulator_bound} overflows int32"
+    if isinstance(layer, IntegerConv2d) and isinstance(layer.padding, str) and layer.padding not in ("same", "valid"):
+        return f"padding={layer.padding!r}"
+    return None
+
+
+def padded_thresholds(layer: IntegerLayer) -> np.ndarray:
+    """Sorted float32 thresholds padded with +inf to ``2**k - 1`` entries (the binary search's shape)."""
+    values = np.sort(layer.input_thresholds.detach().cpu().numpy().astype(np.float32).reshape(-1))
+    size = (1 << int(values.size).bit_length()) - 1
+    return np.concatenate([values, np.full(size - values.size, np.inf, np.float32)])
+
+
+def _quantize(ctx: LoweringContext, layer: IntegerLayer, x: relax.Expr) -> relax.Expr:
+    """Float input -> the integers the kernel multiplies (codes, or codebook values)."""
+    hint = f"quantize_{_safe(layer.name)}"
+    if layer.input_thresholds is not None:
+        codes = ctx.bb.emit_te(integer_ops.threshold_codes, x, relax.const(padded_thresholds(layer)),
+                               primfunc_name_hint=hint)
+    else:
+        low, step = float(layer.input_low), float(layer.input_step)
+        codes = ctx.bb.emit_te(integer_ops.uniform_codes, x, low, step, layer.act_bits, primfunc_name_hint=hint)
+    table = getattr(layer, "input_levels_int", None)
+    if table is not None:
+        values = relax.const(table.detach().cpu().numpy().astype(np.int32).reshape(-1))
+        hint = f"levels_{_safe(layer.name)}"
+        codes = ctx.bb.emit_te(integer_ops.lookup_values, codes, values, primfunc_name_hint=hint)
+    return codes
+
+
+def _rescale_constants(layer: IntegerLayer, input_shape: tuple[int, ...], acc_rank: int) -> tuple[np.ndarray, ...]:
+    """``out_scale`` and ``const`` shaped to broadcast against the accumulator, from the reference's code."""
+    out_ch = layer.weight_int.shape[0]
+    shape = (1, out_ch) + (1,) * (acc_rank - 2)
+    with torch.no_grad():
+        offset = layer.offset_accumulator(torch.zeros((1, *input_shape[1:])))
+        zeros = torch.zeros(offset.shape if offset is not None else shape, dtype=torch.int64)
+        const = layer.rescale(zeros, offset).reshape(offset.shape if offset is not None else shape)
+    scale = layer.out_scale.detach().reshape(shape)
+    return scale.numpy().astype(np.float32), const.numpy().astype(np.float32)
+
+
+def _direct_kernel(ctx: LoweringContext, layer: IntegerLayer, geom: Any) -> tuple[Any, np.ndarray, Any]:
+    weight_dtype = weight_storage_dtype(layer)
+    key = ("direct", geom, weight_dtype)
+    build = direct_conv2d if isinstance(geom, ConvGeometry) else direct_dense
+    kernel = ctx.cached(key, lambda: build(geom, "int32", weight_dtype, "int32"))
+    packed = kernel.pack(layer.weight_int.detach().cpu().numpy())
+    op = "conv2d" if isinstance(geom, ConvGeometry) else "dense"
+    gv = ctx.add_kernel(kernel.func, f"direct_int_{op}_{kernel.layout.replace('-', '_')}", key)
+    return gv, packed, kernel
+
+
+def _bitserial_kernel(ctx: LoweringContext, layer: IntegerLayer, shape: tuple[int, ...]) -> tuple[Any, np.ndarray]:
+    module = ctx.bitserial
+    assert module is not None
+    if isinstance(layer, IntegerConv2d):
+        func = module.conv2d_primfunc(layer, tuple(shape), ctx.target)
+    else:
+        func = module.dense_primfunc(layer, tuple(shape), ctx.target)
+    packed = np.ascontiguousarray(module.pack_weights(layer))
+    return ctx.add_kernel(func, f"bitserial_{_safe(layer.name)}"), packed
+
+
+def _emit_integer_layer(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
+    layer = ctx.module(node)
+    assert isinstance(layer, IntegerLayer)
+    x = ctx.value(node.args[0])
+    shape = ctx.shape(x)
+    geom: ConvGeometry | DenseGeometry
+    if isinstance(layer, IntegerConv2d):
+        geom = conv_geometry(
+            shape, tuple(layer.weight_int.shape), layer.stride, layer.padding, layer.dilation, layer.groups, layer.name
+        )
+        if shape[1] != layer.input_channels:
+            raise BackendError(f"layer {layer.name}: expects {layer.input_channels} input channels, got shape {shape}")
+    else:
+        if len(shape) != 2 or shape[1] != layer.input_channels:
+            raise BackendError(f"layer {layer.name}: expects a (N, {layer.input_channels}) input, got shape {shape}")
+        geom = DenseGeometry(shape[0], shape[1], int(layer.weight_int.shape[0]))
+    values = _quantize(ctx, layer, x)
+    choice: KernelChoice = select_kernel(
+        layer, enabled=ctx.options.bitserial, max_bits=ctx.options.bitserial_max_bits, module=ctx.bitserial
+    )
+    if choice.kind == "bitserial":
+        gv, packed = _bitserial_kernel(ctx, layer, shape)
+        layout = "bitserial"
+    else:
+        gv, packed, kernel = _direct_kernel(ctx, layer, geom)
+        layout = kernel.layout
+    out_info = relax.TensorType(geom.output_shape, "int32")
+    acc = ctx.bb.emit(relax.call_tir(gv, [values, relax.const(packed)], out_info))
+    if ctx.options.debug_accumulators:
+        ctx.accumulators.append((layer.name or node.name, acc))
+    scale, const = _rescale_constants(layer, shape, len(geom.output_shape))
+    hint = f"rescale_{_safe(layer.name)}"
+    out = ctx.bb.emit_te(integer_ops.rescale, acc, relax.const(scale), relax.const(const), primfunc_name_hint=hint)
+    facts = {
+        **layer.describe(),
+        "layout": layout,
+        "macs": geom.macs,
+        "input_shape": list(shape),
+        "output_shape": list(geom.output_shape),
+        "weight_scale": [float(v) for v in layer.weight_scale.tolist()],
+    }
+    ctx.layers.append(LayerRecord(layer.name or node.name, type(layer).__name__, choice.kind, choice.reason, facts))
+    return out
+
+
+_INTEGER = Converter(_emit_integer_layer, integer_layer_problem)
+
+MODULE_CONVERTERS: dict[type, Converter] = {IntegerConv2d: _INTEGER, IntegerLinear: _INTEGER}

@@ -1,0 +1,228 @@
+"""Translate a frozen integer graph (``torch.fx``) into a Relax module through a converter table.
+
+The table maps module types, functions and method names to :class:`~fxquant.backends.tvm.context.Converter`
+objects (see ``elementwise``, ``structure``, ``float_layers``, ``integer_layers``). Before anything is
+emitted, every node is checked and all unsupported ones are reported together in one
+:class:`~fxquant.UnsupportedOpError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import tvm
+from fxquant.backends.tvm import elementwise, float_layers, integer_layers, structure
+from fxquant.backends.tvm.context import Converter, LayerRecord, LoweringContext, node_label
+from fxquant.backends.tvm.options import TvmOptions
+from fxquant.backends.tvm.selection import bitserial_module
+from torch import fx, nn
+from tvm import relax
+
+from fxquant.errors import BackendError, UnsupportedOpError
+
+__all__ = [
+    "MODULE_CONVERTERS",
+    "FUNCTION_CONVERTERS",
+    "METHOD_CONVERTERS",
+    "NAMED_CONVERTERS",
+    "TensorSpec",
+    "LoweredGraph",
+    "converter_for",
+    "unsupported_nodes",
+    "input_specs",
+    "lower_graph",
+    "STAGE",
+]
+
+STAGE = "lowering to TVM Relax"
+
+MODULE_CONVERTERS: dict[type, Converter] = {
+    **elementwise.MODULE_CONVERTERS,
+    **structure.MODULE_CONVERTERS,
+    **float_layers.MODULE_CONVERTERS,
+    **integer_layers.MODULE_CONVERTERS,
+}
+FUNCTION_CONVERTERS: dict[Callable[..., Any], Converter] = {
+    **elementwise.FUNCTION_CONVERTERS,
+    **structure.FUNCTION_CONVERTERS,
+}
+METHOD_CONVERTERS: dict[str, Converter] = {**elementwise.METHOD_CONVERTERS, **structure.METHOD_CONVERTERS}
+#: module classes and functions of optional packages, by ``module.qualname``
+NAMED_CONVERTERS: dict[str, Converter] = {**structure.NAMED_CONVERTERS}
+
+
+def _qualified(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, static shape and dtype of a graph input or output."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass
+class LoweredGraph:
+    """The Relax module plus what its caller needs to feed it and to read its outputs."""
+
+    mod: tvm.IRModule
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    output_is_tuple: bool
+    accumulators: list[TensorSpec]
+    layers: list[LayerRecord]
+
+
+def converter_for(node: fx.Node, modules: dict[str, nn.Module]) -> Converter | None:
+    """The table entry of a call node (module types match along the class hierarchy)."""
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        for cls in type(module).__mro__:
+            if cls in MODULE_CONVERTERS:
+                return MODULE_CONVERTERS[cls]
+            if _qualified(cls) in NAMED_CONVERTERS:
+                return NAMED_CONVERTERS[_qualified(cls)]
+        return None
+    if node.op == "call_function":
+        try:
+            found = FUNCTION_CONVERTERS.get(node.target)
+        except TypeError:  # unhashable target
+            found = None
+        return found if found is not None else NAMED_CONVERTERS.get(_qualified(node.target))
+    if node.op == "call_method":
+        return METHOD_CONVERTERS.get(str(node.target))
+    return None
+
+
+def _output_nodes(node: fx.Node) -> tuple[list[Any], bool]:
+    value = node.args[0]
+    if isinstance(value, tuple | list):
+        return list(value), True
+    return [value], False
+
+
+def unsupported_nodes(gm: fx.GraphModule) -> list[str]:
+    """Every node the TVM backends cannot lower, each with the reason."""
+    modules = dict(gm.named_modules())
+    problems: list[str] = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            meta = node.meta.get("tensor_meta")
+            if meta is not None and hasattr(meta, "dtype") and meta.dtype != torch.float32:
+                problems.append(f"{node_label(node, modules)}: input dtype {meta.dtype} (only float32 inputs)")
+            continue
+        if node.op == "get_attr":
+            continue
+        if node.op == "output":
+            values, _ = _output_nodes(node)
+            if not all(isinstance(v, fx.Node) for v in values):
+                problems.append(f"{node_label(node, modules)}: outputs must be a tensor or a flat tuple of tensors")
+            continue
+        converter = converter_for(node, modules)
+        if converter is None:
+            problems.append(f"{node_label(node, modules)}: no converter")
+            continue
+        reason = converter.unsupported_reason(node, modules.get(str(node.target)) if node.op == "call_module" else None)
+        if reason is not None:
+            problems.append(f"{node_label(node, modules)}: {reason}")
+    return problems
+
+
+def input_specs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | None) -> list[TensorSpec]:
+    """Input shapes from ``tensor_meta`` (recorded by ``prepare`` with example inputs), else ``example_inputs``."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if example_inputs is not None:
+        if len(example_inputs) != len(placeholders):
+            raise BackendError(
+                f"example_inputs has {len(example_inputs)} tensor(s) but the graph has {len(placeholders)} input(s)"
+            )
+        return [
+            TensorSpec(n.name, tuple(int(s) for s in t.shape), str(t.dtype).removeprefix("torch."))
+            for n, t in zip(placeholders, example_inputs, strict=True)
+        ]
+    specs = []
+    for n in placeholders:
+        meta = n.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            raise BackendError(
+                f"input {n.name!r} has no recorded shape: pass example_inputs to fxquant.prepare(), or "
+                "example_inputs=(x,) to convert()"
+            )
+        specs.append(TensorSpec(n.name, tuple(int(s) for s in meta.shape), str(meta.dtype).removeprefix("torch.")))
+    return specs
+
+
+def _spec(name: str, expr: relax.Expr) -> TensorSpec:
+    info = expr.ty
+    return TensorSpec(name, tuple(int(d) for d in info.shape.values), str(info.dtype))
+
+
+def _attr_value(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    if isinstance(value, torch.Tensor):
+        return relax.const(value.detach().cpu().numpy())
+    return value
+
+
+def _translate(ctx: LoweringContext, gm: fx.GraphModule, node: fx.Node) -> Any:
+    if node.op == "get_attr":
+        return _attr_value(gm, str(node.target))
+    converter = converter_for(node, ctx.modules)
+    assert converter is not None  # checked before translation
+    try:
+        return converter.emit(ctx, node)
+    except NotImplementedError as exc:
+        raise UnsupportedOpError(STAGE, [f"{node_label(node, ctx.modules)}: {exc}"]) from exc
+    except (UnsupportedOpError, BackendError):
+        raise
+    except Exception as exc:
+        raise BackendError(f"{STAGE}: node {node_label(node, ctx.modules)} failed: {exc}") from exc
+
+
+def lower_graph(gm: fx.GraphModule, options: TvmOptions, target: tvm.target.Target) -> LoweredGraph:
+    """The frozen graph as a Relax ``main`` taking the inputs and returning the outputs (then accumulators).
+
+    Example::
+
+        lowered = lower_graph(fxquant.passes.freeze(qmodel), TvmOptions(), host_target())
+    """
+    problems = unsupported_nodes(gm)
+    if problems:
+        raise UnsupportedOpError(STAGE, problems)
+    inputs = input_specs(gm, options.example_inputs)
+    for spec in inputs:
+        if spec.dtype != "float32":
+            raise BackendError(f"input {spec.name!r}: dtype {spec.dtype} is not supported (only float32)")
+    bb = relax.BlockBuilder()
+    ctx = LoweringContext(bb, dict(gm.named_modules()), target, options, bitserial_module())
+    params = [relax.Var(s.name, relax.TensorType(s.shape, s.dtype)) for s in inputs]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    ctx.env.update(zip(placeholders, params, strict=True))
+    out_nodes, is_tuple = _output_nodes(next(n for n in gm.graph.nodes if n.op == "output"))
+    with bb.function("main", params):
+        with bb.dataflow():
+            for node in gm.graph.nodes:
+                if node.op not in ("placeholder", "output"):
+                    ctx.env[node] = _translate(ctx, gm, node)
+            values = [ctx.env[n] for n in out_nodes]
+            bad = [n.name for n, v in zip(out_nodes, values, strict=True) if not isinstance(v, relax.Expr)]
+            if bad:
+                raise UnsupportedOpError(STAGE, [f"output {name}: not a tensor" for name in bad])
+            outputs = [_spec(n.name, v) for n, v in zip(out_nodes, values, strict=True)]
+            results = values + [acc for _, acc in ctx.accumulators]
+            result = bb.emit_output(relax.Tuple(results) if len(results) > 1 else results[0])
+        bb.emit_func_output(result)
+    accumulators = [_spec(name, acc) for name, acc in ctx.accumulators]
+    return LoweredGraph(bb.get(), inputs, outputs, is_tuple, accumulators, ctx.layers)
+

@@ -1,0 +1,218 @@
+"""What the pipeline subcommands share: argument groups, argument types, and the wrapper that gives every run
+its JSON report, its ``--force`` check and its exit status (0 ok, 1 fxquant error, 2 usage via argparse)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxquant.errors import CheckpointError
+from fxquant.model_spec import ModelSpec
+from fxquant.output_files import OutputExistsError, check_writable
+from fxquant.report import RunReport
+
+__all__ = [
+    "PipelineCommand",
+    "positive_int",
+    "non_negative_float",
+    "json_object",
+    "shape",
+    "add_model_arguments",
+    "add_output_arguments",
+    "add_data_arguments",
+    "model_spec_from_args",
+    "build_float_model",
+    "progress_enabled",
+    "sibling",
+]
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# -- argument types (argparse turns their errors into usage errors, exit status 2) --------------------------
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+def json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"invalid JSON ({exc.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"num_classes\": 10}}', got {text!r}")
+    return value
+
+
+def shape(text: str) -> tuple[int, ...]:
+    """``"1,28,28"`` -> ``(1, 28, 28)``: one sample's shape, without the batch dimension."""
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated dimensions like 1,28,28, got {text!r}") from None
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"expected positive dimensions like 1,28,28, got {text!r}")
+    return dims
+
+
+# -- argument groups ----------------------------------------------------------------------------------------
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=True, metavar="MODULE:FUNCTION",
+                       help="model builder, e.g. fxquant.models:resnet_small, mypkg.nets:build, torchvision:resnet18")
+    group.add_argument("--model-kwargs", type=json_object, default={}, metavar="JSON",
+                       help='keyword arguments of the builder, e.g. \'{"num_classes": 10}\'')
+    group.add_argument("--num-classes", type=positive_int, help="shorthand for model kwarg num_classes")
+    group.add_argument("--in-channels", type=positive_int, help="shorthand for model kwarg in_channels")
+    group.add_argument("--weights", type=Path, help="float state dict to start from (torch.save(model.state_dict()))")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, output_help: str | None) -> None:
+    """``-o/--output`` (unless ``output_help`` is None), ``--force`` and ``--report``."""
+    group = parser.add_argument_group("outputs")
+    if output_help is not None:
+        group.add_argument("-o", "--output", type=Path, required=True, help=output_help)
+    group.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    group.add_argument("--report", type=Path, help="JSON report of the run (default: next to the main output)")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, train: bool, test: bool, batch_default: int | None) -> None:
+    """Data options; with ``train``, ``--data`` and ``--seed`` default to None so a command can tell them given."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", default=None if train else "fashion-mnist", metavar="NAME|FOLDER",
+                       help="fashion-mnist (bundled) or an ImageFolder directory (default: fashion-mnist)")
+    group.add_argument("--batch-size", type=positive_int, default=batch_default,
+                       help="samples per batch" + (f" (default {batch_default})" if batch_default else ""))
+    if train:
+        group.add_argument("--train-subset", type=positive_int, help="train on a seeded random subset of N images")
+    if test:
+        group.add_argument("--test-subset", type=positive_int, help="evaluate on a seeded random subset of N images")
+    group.add_argument("--seed", type=int, default=None if train else 0, help="seed of weights, subsets and shuffling")
+
+
+def progress_enabled(args: argparse.Namespace) -> bool:
+    """``--progress``/``--no-progress``, else progress bars only when stderr is a terminal."""
+    return args.progress if args.progress is not None else sys.stderr.isatty()
+
+
+# -- models -------------------------------------------------------------------------------------------------
+
+
+def model_spec_from_args(args: argparse.Namespace) -> ModelSpec:
+    kwargs = dict(args.model_kwargs)
+    for option in ("num_classes", "in_channels"):
+        if getattr(args, option) is not None:
+            kwargs[option] = getattr(args, option)
+    return ModelSpec(args.model, kwargs)
+
+
+def build_float_model(args: argparse.Namespace, report: RunReport, seed: int) -> tuple[ModelSpec, nn.Module]:
+    """The float model of ``--model`` (seeded), with ``--weights`` loaded when given."""
+    from fxquant.checkpoint import describe_mismatch
+
+    spec = model_spec_from_args(args)
+    torch.manual_seed(seed)
+    model = spec.build()
+    report.settings["model"] = spec.to_dict()
+    if args.weights is not None:
+        try:
+            state = torch.load(args.weights, map_location="cpu", weights_only=True)
+        except Exception as exc:  # unpickling raises many types
+            raise CheckpointError(
+                f"cannot load float weights {args.weights} (expected torch.save(model.state_dict())): {exc}"
+            ) from exc
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{args.weights} holds a {type(state).__name__}, not a state dict")
+        mismatch = describe_mismatch(model.state_dict(), state)
+        if mismatch:
+            raise CheckpointError(f"float weights {args.weights} do not fit {spec}: {mismatch}")
+        model.load_state_dict(state)
+        report.add_input("weights", args.weights)
+    return spec, model
+
+
+# -- the wrapper --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PipelineCommand:
+    """A subcommand as data: its arguments, its body, the paths it writes and where its report goes.
+
+    ``run(args, report)`` does the work and fills the report; raising a :class:`FxQuantError` makes the run
+    exit 1 with the report still written (with the error in it).
+    """
+
+    name: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, RunReport], None]
+    outputs: Callable[[argparse.Namespace], Sequence[Path]]
+    default_report: Callable[[argparse.Namespace], Path]
+
+    def setup(self, parser: argparse.ArgumentParser) -> Handler:
+        self.add_arguments(parser)
+        return self.handle
+
+    def handle(self, args: argparse.Namespace) -> int:
+        arguments = {k: v for k, v in vars(args).items() if k not in ("handler", "command")}
+        report = RunReport(self.name, arguments)
+        report_path = args.report if args.report is not None else self.default_report(args)
+        replaceable = not os.path.exists(report_path) or _failed_run_report(report_path)
+        try:
+            check_writable([*self.outputs(args)] + ([] if replaceable else [report_path]), args.force)
+        except OutputExistsError as exc:
+            report.fail(exc)
+            if replaceable:  # never replace the report of an earlier successful run
+                report.write(report_path)
+            raise
+        try:
+            self.run(args, report)
+        except (Exception, KeyboardInterrupt) as exc:  # fxquant errors exit 1, bugs keep their traceback
+            report.fail(exc, 130 if isinstance(exc, KeyboardInterrupt) else 1)
+            report.write(report_path)
+            raise
+        report.exit_status = 0
+        report.write(report_path)
+        return 0
+
+
+def _failed_run_report(path: Path) -> bool:
+    """Whether ``path`` is the report of a failed run: a retry may replace it without ``--force``."""
+    try:
+        return json.loads(Path(path).read_text()).get("exit_status") not in (0, None)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def sibling(path: Path, suffix: str) -> Path:
+    """``path`` with ``suffix`` appended to its full name (``a.ckpt`` -> ``a.ckpt.report.json``)."""
+    return path.with_name(path.name + suffix)
+

@@ -1,0 +1,98 @@
+"""``fxquant convert``: prepared checkpoint -> hard-quantized model for a backend.
+
+    fxquant convert trained.ckpt --backend torch -o reference.ckpt          # integer reference, a checkpoint
+    fxquant convert trained.ckpt --backend tvm-arm -o build/resnet          # aarch64 artifact folder
+    fxquant convert trained.ckpt --backend tvm-llvm -o build/host.json      # compile for this CPU: its manifest
+
+The ``torch`` reference is stored as a ``kind="reference"`` checkpoint (no TorchScript): loading it rebuilds
+the model from its spec, freezes it and checks the result against the stored integer state, and the
+returned module checks its input shape (:func:`fxquant.load_reference`). ``tvm-arm`` writes the backend's
+artifact folder (``model.so``, ``manifest.json``, ``run_model.py``). ``tvm-llvm`` builds an in-process
+module that cannot be saved: the command compiles it (proving the model lowers) and writes its manifest
+(kernel per layer); ``fxquant verify --backend tvm-llvm`` compiles and checks its numerics.
+TVM models are compiled for a static batch size (``--batch-size``, default 1).
+"""
+
+from __future__ import annotations
+
+import json
+from argparse import ArgumentParser, Namespace
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from fxquant.api import convert
+from fxquant.backends.registry import available_backends
+from fxquant.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
+from fxquant.cli_common import PipelineCommand, add_output_arguments, positive_int, sibling
+from fxquant.errors import CheckpointError
+from fxquant.integer import IntegerLayer
+from fxquant.output_files import write_text_atomic
+from fxquant.report import RunReport, jsonable
+
+__all__ = ["COMMAND", "WRITERS", "static_example"]
+
+
+def static_example(checkpoint: Checkpoint, batch_size: int) -> tuple[torch.Tensor]:
+    """The input a static-shape backend is compiled for."""
+    return (torch.zeros(batch_size, *checkpoint.input_shape),)
+
+
+def _reference(args: Namespace, checkpoint: Checkpoint, model: fx.GraphModule, report: RunReport) -> None:
+    frozen = convert(model, backend="torch")
+    save_checkpoint(checkpoint.to_reference(frozen), args.output, force=args.force)
+    report.add_output("reference", args.output)
+    report.metrics["layers"] = [m.describe() for m in frozen.modules() if isinstance(m, IntegerLayer)]
+
+
+def _host_manifest(args: Namespace, checkpoint: Checkpoint, model: fx.GraphModule, report: RunReport) -> None:
+    module = convert(model, backend=args.backend, example_inputs=static_example(checkpoint, args.batch_size))
+    write_text_atomic(args.output, json.dumps(jsonable(module.manifest), indent=2, sort_keys=True) + "\n")
+    report.add_output("manifest", args.output)
+    report.metrics["kernel_counts"] = module.manifest.get("kernel_counts")
+
+
+def _artifact_folder(args: Namespace, checkpoint: Checkpoint, model: fx.GraphModule, report: RunReport) -> None:
+    artifact = convert(model, backend=args.backend, output_dir=args.output, force=args.force,
+                       example_inputs=static_example(checkpoint, args.batch_size))
+    report.add_output("artifacts", args.output)
+    report.metrics["kernel_counts"] = getattr(artifact, "manifest", {}).get("kernel_counts")
+
+
+#: backend -> how its result is written; any other backend writes an artifact folder (``output_dir``)
+WRITERS: dict[str, Callable[[Namespace, Checkpoint, fx.GraphModule, RunReport], None]] = {
+    "torch": _reference,
+    "tvm-llvm": _host_manifest,
+}
+
+
+def add_arguments(parser: ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="prepared checkpoint (from fxquant prepare or fxquant train)")
+    parser.add_argument("--backend", default="torch", choices=available_backends(),
+                        help="torch: reference checkpoint; tvm-arm: artifact folder; tvm-llvm: build manifest")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="static batch size of TVM builds")
+    add_output_arguments(parser, "reference checkpoint (torch), artifact folder (tvm-arm) or manifest (tvm-llvm)")
+
+
+def run(args: Namespace, report: RunReport) -> None:
+    checkpoint = read_checkpoint(args.checkpoint)
+    report.add_input("checkpoint", args.checkpoint)
+    if checkpoint.kind != "prepared":
+        raise CheckpointError(f"{args.checkpoint} is a {checkpoint.kind} checkpoint; convert the prepared one")
+    model = checkpoint.build_prepared()
+    report.settings.update(backend=args.backend, input_shape=list(checkpoint.input_shape),
+                           config=checkpoint.config.to_dict())
+    with report.phase("convert"):
+        WRITERS.get(args.backend, _artifact_folder)(args, checkpoint, model, report)
+    print(f"converted {args.checkpoint} for backend {args.backend} -> {args.output}")
+
+
+COMMAND = PipelineCommand(
+    name="convert",
+    add_arguments=add_arguments,
+    run=run,
+    outputs=lambda args: [args.output],
+    default_report=lambda args: sibling(args.output, ".report.json"),
+)

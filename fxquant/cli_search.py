@@ -1,0 +1,102 @@
+"""``fxquant search``: per-layer bitwidths under a budget (the SDQ search) -> BitwidthPlan JSON.
+
+    fxquant search --model fxquant.models:resnet_small --budget avg_bits=3 -o plan.json
+    fxquant prepare --model fxquant.models:resnet_small --plan plan.json -o prepared.ckpt
+
+``--budget KEY=VALUE`` pairs become ``fxquant.Budget.from_dict({KEY: VALUE, ...})`` (values parsed as JSON
+when they can be), e.g. ``--budget avg_weight_bits=3 --budget min_bits=2``. A budget no plan can meet fails
+before any training, naming the lowest achievable cost. ``--config`` gives the base quantizer and the fixed
+layers (first/last bits, overrides). The search itself is :func:`fxquant.search`; where this installation
+lacks it, the command exits 1 and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import fxquant
+from fxquant.cli_common import (
+    PipelineCommand,
+    add_data_arguments,
+    add_model_arguments,
+    add_output_arguments,
+    build_float_model,
+    positive_int,
+    progress_enabled,
+    sibling,
+)
+from fxquant.config import QuantConfig
+from fxquant.config_file import load_config_file
+from fxquant.data_source import DataSpec, data_location, open_data
+from fxquant.errors import FxQuantError
+from fxquant.output_files import write_text_atomic
+from fxquant.plan import BitwidthPlan
+from fxquant.report import RunReport
+
+__all__ = ["COMMAND"]
+
+
+def budget_item(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. avg_weight_bits=3), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--config", type=Path, help="YAML/TOML/JSON QuantConfig: base quantizer and fixed layers")
+    add_data_arguments(parser, train=True, test=False, batch_default=64)
+    parser.add_argument("--budget", type=budget_item, action="append", required=True, metavar="KEY=VALUE",
+                        help="a field of fxquant.Budget, e.g. avg_weight_bits=3 (repeat for several)")
+    parser.add_argument("--steps", type=positive_int, help="search steps (default: one pass over the data)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars (default: when stderr is a terminal)")
+    add_output_arguments(parser, "BitwidthPlan JSON to write")
+
+
+def run(args: argparse.Namespace, report: RunReport) -> None:
+    search, budget_type = getattr(fxquant, "search", None), getattr(fxquant, "Budget", None)
+    if search is None or budget_type is None:
+        raise FxQuantError("the SDQ search is not available in this installation (fxquant.search/fxquant.Budget)")
+    seed = 0 if args.seed is None else args.seed
+    budget = budget_type.from_dict(dict(args.budget))
+    config = QuantConfig()
+    if args.config is not None:
+        config = load_config_file(args.config)
+        report.add_input("config", args.config)
+    spec, model = build_float_model(args, report, seed)
+    data = DataSpec(args.data or "fashion-mnist", args.batch_size, args.train_subset, 1, seed,
+                    spec.kwargs.get("in_channels"))
+    train, _ = open_data(data)
+    if (location := data_location(data)) is not None:
+        report.add_input("data", location, source=data.source)
+    example = next(iter(train))[0]
+    options = fxquant.SearchOptions(steps=args.steps, seed=seed)
+    report.settings.update(budget=budget.to_dict(), config=config.to_dict(), options=options.to_dict())
+    with report.phase("search"):
+        plan = search(model, (example,), train, budget=budget, config=config, options=options,
+                      progress=progress_enabled(args))
+    if not isinstance(plan, BitwidthPlan):
+        raise FxQuantError(f"fxquant.search returned {type(plan).__name__}, not a BitwidthPlan")
+    write_text_atomic(args.output, json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")
+    report.add_output("plan", args.output)
+    report.settings.update(data=data.to_dict())
+    report.metrics.update(bits={k: list(v) for k, v in plan.bits.items()},
+                          achieved=plan.metadata.get("achieved"), metric=plan.metadata.get("metric"))
+    print(f"plan for {len(plan.bits)} layers -> {args.output}")
+
+
+COMMAND = PipelineCommand(
+    name="search",
+    add_arguments=add_arguments,
+    run=run,
+    outputs=lambda args: [args.output],
+    default_report=lambda args: sibling(args.output, ".report.json"),
+)

@@ -1,0 +1,118 @@
+"""``fxquant train``: QAT on a prepared checkpoint; resumable from the checkpoint it writes.
+
+    fxquant train prepared.ckpt -o trained.ckpt --epochs 2 --steps 200   # stops after 200 steps
+    fxquant train trained.ckpt -o trained2.ckpt                          # continues the same schedule
+
+A resumed run keeps the settings it started with (data, epochs, batch size, subset, lr, seed); ``--restart``
+starts a new schedule from the checkpoint's weights instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from fxquant.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
+from fxquant.cli_common import (
+    PipelineCommand,
+    add_data_arguments,
+    add_output_arguments,
+    non_negative_float,
+    positive_int,
+    progress_enabled,
+    sibling,
+)
+from fxquant.data_source import DataSpec, data_location, open_data
+from fxquant.errors import CheckpointError, ConfigError, InputError
+from fxquant.report import RunReport
+from fxquant.train import evaluate
+from fxquant.trainer import QATTrainer, TrainSettings
+
+__all__ = ["COMMAND"]
+
+#: the options that fix a run (TrainSettings fields of the same name)
+_RUN_OPTIONS = ("data", "epochs", "batch_size", "train_subset", "lr", "seed")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="prepared checkpoint (from fxquant prepare or fxquant train)")
+    add_data_arguments(parser, train=True, test=True, batch_default=None)
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=positive_int, help=f"length of the schedule (default {TrainSettings.epochs})")
+    group.add_argument("--lr", type=non_negative_float, help=f"peak learning rate (default {TrainSettings.lr})")
+    group.add_argument("--steps", type=positive_int, help="stop after this many steps (resume later)")
+    group.add_argument("--restart", action="store_true", help="ignore the checkpoint's training state")
+    group.add_argument("--no-eval", action="store_true", help="skip the test-set accuracy")
+    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress bars (default: when stderr is a terminal)")
+    add_output_arguments(parser, "checkpoint to write (holds the training state)")
+
+
+def _settings(args: argparse.Namespace, checkpoint: Checkpoint) -> tuple[TrainSettings, bool]:
+    """The run's settings and whether it resumes; a resumed run refuses options that would change it."""
+    given = {option: getattr(args, option) for option in _RUN_OPTIONS if getattr(args, option) is not None}
+    if checkpoint.training is None or args.restart:
+        return TrainSettings(**given), False
+    stored = TrainSettings.from_dict(checkpoint.training["settings"])
+    conflicts = [f"--{k.replace('_', '-')} {v!r} (checkpoint: {getattr(stored, k)!r})"
+                 for k, v in given.items() if getattr(stored, k) != v]
+    if conflicts:
+        raise ConfigError(
+            f"{args.checkpoint} is resumed with its own settings, and these options differ: {', '.join(conflicts)}; "
+            "drop them, or pass --restart to start a new schedule from its weights"
+        )
+    return stored, True
+
+
+def run(args: argparse.Namespace, report: RunReport) -> None:
+    checkpoint = read_checkpoint(args.checkpoint)
+    report.add_input("checkpoint", args.checkpoint)
+    if checkpoint.kind != "prepared":
+        raise CheckpointError(f"{args.checkpoint} is a {checkpoint.kind} checkpoint; train the prepared one")
+    settings, resume = _settings(args, checkpoint)
+    data = DataSpec(settings.data, settings.batch_size, settings.train_subset, args.test_subset, settings.seed,
+                    checkpoint.input_shape[0])
+    with report.phase("data"):
+        train, test = open_data(data)
+    if (location := data_location(data)) is not None:
+        report.add_input("data", location, source=data.source)
+    if tuple(train.images.shape[1:]) != checkpoint.input_shape:
+        raise InputError(f"data {data.source} has inputs of shape {tuple(train.images.shape[1:])}, "
+                         f"{args.checkpoint} was prepared for {checkpoint.input_shape}")
+    qmodel = checkpoint.build_prepared()
+    if not resume:
+        torch.manual_seed(settings.seed)
+    trainer = QATTrainer(qmodel, train, settings)
+    if resume:
+        trainer.load_state_dict(checkpoint.training)
+    if trainer.finished:
+        raise ConfigError(f"{args.checkpoint} has finished its schedule ({trainer.total_steps} steps); "
+                          "pass --restart (and --epochs) to train a new one")
+    start = trainer.global_step
+    with report.phase("train"):
+        losses = trainer.run(args.steps, progress_enabled(args))
+    report.settings.update(training=settings.to_dict(), data=data.to_dict(), resumed=resume)
+    report.metrics.update(
+        steps_run=trainer.global_step - start, global_step=trainer.global_step, total_steps=trainer.total_steps,
+        epoch=trainer.epoch, finished=trainer.finished, train_loss=losses[-1], train_losses=losses,
+    )
+    if not args.no_eval:
+        with report.phase("eval"):
+            report.metrics["test_accuracy"] = evaluate(qmodel, test)
+    result = Checkpoint.from_prepared(qmodel, checkpoint.input_shape, checkpoint.model, trainer.state_dict())
+    save_checkpoint(result, args.output, force=args.force)
+    report.add_output("checkpoint", args.output)
+    accuracy = report.metrics.get("test_accuracy")
+    print(f"trained steps {start}..{trainer.global_step} of {trainer.total_steps}: loss {losses[-1]:.4f}"
+          + (f", test accuracy {accuracy:.2f}%" if accuracy is not None else "") + f" -> {args.output}")
+
+
+COMMAND = PipelineCommand(
+    name="train",
+    add_arguments=add_arguments,
+    run=run,
+    outputs=lambda args: [args.output],
+    default_report=lambda args: sibling(args.output, ".report.json"),
+)

@@ -1,0 +1,143 @@
+"""``fxquant verify``: a converted model against the integer reference, on data; exit 1 when they disagree.
+
+    fxquant verify reference.ckpt --reference trained.ckpt --test-subset 1000   # a saved torch reference
+    fxquant verify --backend tvm-llvm --reference trained.ckpt                  # compile here and compare
+    fxquant verify build/resnet --reference trained.ckpt --integrity-only       # tvm-arm folder: files, hashes
+
+The reference is ``fxquant.convert(<--reference checkpoint>, backend="torch")``. The candidate is a
+reference checkpoint (``fxquant convert --backend torch``), a prepared checkpoint (its eval mode), the
+``--reference`` model compiled with ``--backend`` in this process, or an artifact folder. An aarch64 folder
+cannot run on this host: ``--integrity-only`` checks its files against its manifest instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+from argparse import ArgumentParser, Namespace
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fxquant.api import convert
+from fxquant.backends.registry import available_backends
+from fxquant.checkpoint import Checkpoint, read_checkpoint
+from fxquant.cli_common import (
+    PipelineCommand,
+    add_data_arguments,
+    add_output_arguments,
+    non_negative_float,
+    sibling,
+)
+from fxquant.cli_convert import static_example
+from fxquant.data_source import DataSpec, data_location, open_data
+from fxquant.errors import BackendError
+from fxquant.input_guard import InputGuard
+from fxquant.report import RunReport
+from fxquant.verification import compare
+
+__all__ = ["COMMAND", "CHECKPOINT_CANDIDATES"]
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+
+#: checkpoint kind -> the model it stands for
+CHECKPOINT_CANDIDATES: dict[str, Callable[[Checkpoint], Model]] = {
+    "reference": lambda c: c.build_reference(),
+    "prepared": lambda c: InputGuard(c.build_prepared().eval(), c.input_shape),
+}
+
+
+class _StaticBatch:
+    """Feeds a model compiled for ``batch`` samples with smaller last batches (zero-padded, then cut)."""
+
+    def __init__(self, model: Model, batch: int):
+        self.model, self.batch = model, batch
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if n == self.batch:
+            return self.model(x)
+        padded = torch.cat([x, x.new_zeros((self.batch - n, *x.shape[1:]))])
+        return self.model(padded)[:n]
+
+
+def _folder(path: Path, report: RunReport) -> Model | None:
+    """An artifact folder: its files are checked against its manifest; it runs where the backend can load it."""
+    try:
+        tvm_backend = importlib.import_module("fxquant.backends.tvm")
+    except ImportError as exc:
+        raise BackendError(f"{path}: cannot import the TVM backend to check these artifacts: {exc}") from exc
+    manifest = tvm_backend.verify_artifact(path)
+    report.metrics["artifact"] = {"backend": manifest.get("backend"), "files": manifest.get("files")}
+    load = getattr(tvm_backend, "load_artifact", None)
+    if load is not None:
+        return load(path)
+    return None
+
+
+def add_arguments(parser: ArgumentParser) -> None:
+    candidate = parser.add_mutually_exclusive_group(required=True)
+    candidate.add_argument("artifact", type=Path, nargs="?",
+                           help="reference checkpoint, prepared checkpoint or artifact folder")
+    candidate.add_argument("--backend", choices=available_backends(),
+                           help="compile the --reference model with this backend here and check it")
+    parser.add_argument("--reference", type=Path, required=True, help="the prepared checkpoint it was converted from")
+    parser.add_argument("--integrity-only", action="store_true",
+                        help="artifact folders: check files and hashes only (aarch64 builds cannot run here)")
+    add_data_arguments(parser, train=False, test=True, batch_default=64)
+    group = parser.add_argument_group("tolerances")
+    group.add_argument("--atol", type=non_negative_float, default=1e-4, help="largest allowed |output difference|")
+    group.add_argument("--min-agreement", type=non_negative_float, default=1.0,
+                       help="smallest allowed fraction of equal top-1 predictions (default 1.0: all)")
+    add_output_arguments(parser, None)
+
+
+def run(args: Namespace, report: RunReport) -> None:
+    checkpoint = read_checkpoint(args.reference)
+    report.add_input("reference", args.reference)
+    prepared = checkpoint.build_prepared()
+    reference = InputGuard(convert(prepared, backend="torch"), checkpoint.input_shape)
+    with report.phase("load"):
+        if args.backend is not None:
+            built = convert(prepared, backend=args.backend, example_inputs=static_example(checkpoint, args.batch_size))
+            candidate = _StaticBatch(built, args.batch_size)
+        elif args.artifact.is_dir():
+            report.add_input("artifact", args.artifact)
+            candidate = _folder(args.artifact, report)
+            if candidate is None and not args.integrity_only:
+                raise BackendError(f"{args.artifact}: files match the manifest, but this host cannot run the artifact "
+                                   "(aarch64); pass --integrity-only to accept the integrity check alone")
+        else:
+            report.add_input("artifact", args.artifact)
+            artifact = read_checkpoint(args.artifact)
+            candidate = CHECKPOINT_CANDIDATES[artifact.kind](artifact)
+    if candidate is None:
+        print(f"{args.artifact}: files and hashes match its manifest (numerics not checked)")
+        return
+    data = DataSpec(args.data, args.batch_size, None, args.test_subset, args.seed, checkpoint.input_shape[0])
+    _, test = open_data(data)
+    if (location := data_location(data)) is not None:
+        report.add_input("data", location, source=data.source)
+    report.settings.update(data=data.to_dict(), atol=args.atol, min_agreement=args.min_agreement)
+    with report.phase("compare"):
+        agreement = compare(reference, candidate, test)
+    report.metrics.update(agreement.to_dict())
+    print(f"{agreement.samples} samples: max abs diff {agreement.max_abs_diff:.3g}, "
+          f"top-1 agreement {agreement.top1_agreement:.2%}, accuracy {agreement.candidate_accuracy:.2f}% "
+          f"(reference {agreement.reference_accuracy:.2f}%)")
+    agreement.check(args.atol, min(args.min_agreement, 1.0))
+
+
+def _default_report(args: Namespace) -> Path:
+    if args.artifact is not None:
+        return sibling(args.artifact, ".verify.report.json")
+    return sibling(args.reference, f".verify-{args.backend}.report.json")
+
+
+COMMAND = PipelineCommand(
+    name="verify",
+    add_arguments=add_arguments,
+    run=run,
+    outputs=lambda args: [],
+    default_report=_default_report,
+)

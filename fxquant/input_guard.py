@@ -1,0 +1,45 @@
+"""A converted model checks its input against the shape it was prepared for.
+
+Integer layers check channels, but a wrong height/width or a stray dtype can still flow through pooling
+and give confident nonsense; deployed artifacts are built for one input shape, so the reference is too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fxquant.errors import InputError
+
+__all__ = ["InputGuard"]
+
+
+class InputGuard(nn.Module):
+    """Calls ``model`` after checking that the input is a float32 ``(N, *input_shape)`` tensor.
+
+    Example::
+
+        ref = InputGuard(fxquant.convert(qmodel), (1, 28, 28))
+        ref(torch.zeros(2, 3, 28, 28))   # InputError: expected input of shape (N, 1, 28, 28) ...
+    """
+
+    def __init__(self, model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.model = model
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.dtype = dtype
+
+    def check(self, x: object) -> None:
+        expected = f"(N, {', '.join(map(str, self.input_shape))}) {str(self.dtype).removeprefix('torch.')}"
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"expected a tensor of shape {expected}, got {type(x).__name__}")
+        if x.dtype != self.dtype:
+            raise InputError(f"expected input of shape {expected}, got dtype {str(x.dtype).removeprefix('torch.')}")
+        if x.dim() != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise InputError(f"expected input of shape {expected}, got shape {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check(x)
+        return self.model(x)

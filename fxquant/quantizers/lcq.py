@@ -1,0 +1,316 @@
+"""LCQ: Learnable Companding Quantization (Yamamoto, CVPR 2021, arXiv 2103.07156).
+
+Clip, compress, round, expand (ALGORITHMS.md §3)::
+
+    Q(x) = sgn(x)·α·g⁻¹( q_b( g(|x|/α) ) )   if |x| < α,        sgn(x)·α otherwise,      q_b(y) = round(s·y)/s
+
+with ``s = 2^b − 1`` for (unsigned) activations and ``s = 2^(b−1) − 1`` for (symmetric) weights. The compander
+``g`` is piecewise linear on ``K`` equal input segments ``[d_k, d_k+1)``, ``d_k = k/K``, with slopes
+``γ_k = K·softmax(θ)_k`` and output breakpoints ``β_k = Σ_{j<k} softmax(θ)_j``, so ``g(0) = 0``, ``g(1) = 1`` and
+``g`` is increasing; ``θ = 0`` (the initial value) makes ``g`` the identity and ``Q`` uniform.
+
+Gradients (ALGORITHMS.md §3): the straight-through estimator is applied to the whole quantizer for ``x`` and
+``α`` (``∂Q/∂x = 1{|x|<α}``, ``∂Q/∂α = Q/α − (x/α)·1{|x|<α}``), and to the rounding only for the compander, so
+``∂Q/∂γ`` and ``∂Q/∂β`` flow through both ``g`` (at ``|x|/α``) and ``g⁻¹`` (at the rounded value) and on to ``θ``
+through the softmax. The backward pass evaluates these formulas directly (one fused autograd function).
+``α``'s gradient is scaled by ``1/sqrt(N·s)`` as in LSQ (option ``grad_scale``).
+
+Levels are non-uniform: the grid is a ``"codebook"`` whose levels are requantized to an 8-bit lookup table
+(:func:`~fxquant.quantizers.grid.requantize_levels`) for the integer graph; codes come from comparisons with
+the decision thresholds ``α·g⁻¹((j − ½)/s)`` (the points where ``round(s·g(|x|/α))`` changes). Weights have
+``2s + 1 = 2^b − 1`` levels (zero included, symmetric; code ``2^b − 1`` is unused), activations ``2^b``.
+
+Our designs where the paper is silent or was not retrieved:
+
+- *Weight normalisation.* The paper's Limited Weight Normalization formula was not retrieved. We divide the
+  weight by its standard deviation ``σ`` (per output channel when per-channel, else per tensor; no mean is
+  removed, so zero stays a level) before quantizing and multiply ``σ`` back after, with ``σ`` treated as a
+  constant in the backward pass (option ``weight_norm``). ``α`` then lives on the scale of a standardised
+  weight, the same for every layer and channel.
+- 2-bit weights (``s = 1``): the levels ``{−α, 0, α}`` cannot be companded, so they use the plain uniform
+  quantizer (thresholds ``±α/2``), as the unofficial implementation does. 1-bit weights (``s = 0``) use
+  ``sgn(x)·α`` (codes 0/1, ``sgn(0) = +1``) with the same ``x``/``α`` gradients.
+- Activations whose first batch holds negative values use the symmetric form with ``s = 2^(b−1) − 1``
+  (``2^b − 1`` levels, the top code unused).
+- ``α`` starts at the value that minimises the mean squared error of the initial (uniform) quantizer over
+  32 candidates, on the first weights (per channel) or batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxquant.errors import ConfigError
+from fxquant.quantizers.base import Quantizer, Role
+from fxquant.quantizers.grid import QuantGrid, requantize_levels, threshold_codes
+from fxquant.quantizers.lsq import grad_scale
+from fxquant.quantizers.registry import register_quantizer
+
+__all__ = ["LCQQuantizer", "compander", "compand", "expand", "lcq_quantize"]
+
+
+def compander(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(γ, β)``: slopes ``K·softmax(θ)`` and output breakpoints ``Σ_{j<k} softmax(θ)_j`` (``β_0 = 0``)."""
+    p = torch.softmax(theta, dim=0)
+    k = theta.numel()
+    beta = torch.cat([p.new_zeros(1), torch.cumsum(p, 0)[:-1]])
+    return k * p, beta
+
+
+def compand(v: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """``g(v) = γ_k·(v − d_k) + β_k`` for ``v ∈ [d_k, d_k+1)``, ``v ∈ [0, 1]``."""
+    k_count = gamma.numel()
+    k = torch.clamp(torch.floor(v.detach() * k_count), 0, k_count - 1).long()
+    return gamma[k] * (v - k.to(v.dtype) / k_count) + beta[k]
+
+
+def expand(y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """``g⁻¹(y) = (y − β_k)/γ_k + d_k`` with ``k`` the last segment whose breakpoint ``β_k ≤ y``."""
+    k_count = gamma.numel()
+    k = torch.searchsorted(beta.detach().to(y.dtype).contiguous(), y.detach().contiguous(), right=True) - 1
+    k = torch.clamp(k, 0, k_count - 1)
+    return (y - beta[k]) / gamma[k] + k.to(y.dtype) / k_count
+
+
+def _take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for a small 1-D table (``torch.take`` is several times faster than advanced indexing)."""
+    return torch.take(table, index)
+
+
+class _LCQFunction(torch.autograd.Function):
+    """Forward ``Q(x)``; backward the formulas of ALGORITHMS.md §3 for ``x``, ``α``, ``γ`` and ``β``.
+
+    The rounded value ``y_q = j/s`` takes only ``s + 1`` values, so its segment ``k_q``, ``g⁻¹(y_q)`` and the
+    per-level factors of the gradient are tables indexed by ``j``; the compander gradients are scatter-adds
+    over the segment index of ``|x|/α`` plus a per-level sum, instead of autograd through per-element gathers.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None,
+        s: int, symmetric: bool,
+    ) -> torch.Tensor:
+        # sgn(0) does not matter: |x| = 0 gives Q = 0 and no compander gradient
+        sgn = torch.sign(x) if symmetric else None
+        mag = x.abs() if symmetric else x.clamp_min(0.0)
+        inside = (mag < alpha) if symmetric else (x >= 0) & (x < alpha)
+        ctx.companded = gamma is not None and s > 0
+        ctx.symmetric, ctx.s = symmetric, s
+        if s == 0:
+            base = torch.where(x >= 0, 1.0, -1.0).to(x.dtype) * alpha
+        else:
+            v = torch.clamp(mag / alpha, max=1.0)
+            if ctx.companded:
+                k = gamma.numel()
+                kx = torch.clamp(torch.floor(v * k), 0, k - 1).long()
+                y = _take(gamma, kx) * (v - kx.to(v.dtype) / k) + _take(beta, kx)
+                j = torch.clamp(torch.floor(s * y + 0.5), 0, s).long()
+                levels = torch.arange(s + 1, dtype=x.dtype, device=x.device) / s
+                kq = torch.clamp(torch.searchsorted(beta.contiguous(), levels, right=True) - 1, 0, k - 1)
+                u_table = (levels - beta[kq]) / gamma[kq] + kq.to(x.dtype) / k  # g⁻¹(j/s)
+                u_table[-1] = 1.0  # g⁻¹(1) = 1 exactly, so clipped inputs give exactly sgn(x)·α
+                u = _take(u_table, j)
+            else:
+                u = torch.floor(s * v + 0.5) / s
+            base = alpha * u if sgn is None else sgn * alpha * u
+        if ctx.companded:
+            ctx.save_for_backward(x, alpha, base, inside, gamma, beta, v, kx, j, kq, levels)
+        else:
+            ctx.save_for_backward(x, alpha, base, inside)
+        return base
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        x, alpha, base, inside = ctx.saved_tensors[:4]
+        zero = torch.zeros_like(grad)
+        grad_x = torch.where(inside, grad, zero)  # ∂Q/∂x = 1{|x|<α}
+        grad_alpha = None
+        if ctx.needs_input_grad[1]:  # ∂Q/∂α = Q/α − (x/α)·1{|x|<α}
+            d_alpha = base / alpha - torch.where(inside, x / alpha, zero)
+            grad_alpha = (grad * d_alpha).sum_to_size(alpha.shape)
+        grad_gamma = grad_beta = None
+        if ctx.companded and (ctx.needs_input_grad[2] or ctx.needs_input_grad[3]):
+            gamma, beta, v, kx, j, kq, levels = ctx.saved_tensors[4:]
+            k = gamma.numel()
+            gq = gamma[kq]  # per level j
+            signed_grad = grad * torch.sign(x) if ctx.symmetric else grad
+            w = torch.where(inside, signed_grad * alpha, zero) / _take(gq, j)
+            w_flat, kx_flat = w.reshape(-1), kx.reshape(-1)
+            per_level = torch.zeros_like(levels).index_add_(0, j.reshape(-1), w_flat)  # Σ w over each level j
+            # ∂z/∂γ_k = sgn·α·[(v − d_kx)/γ_kq·1{k=kx} − (y_q − β_kq)/γ_kq²·1{k=kq}]
+            grad_gamma = torch.zeros_like(gamma).index_add_(0, kx_flat, (w * (v - kx.to(w.dtype) / k)).reshape(-1))
+            grad_gamma.index_add_(0, kq, -per_level * (levels - beta[kq]) / gq)
+            # ∂z/∂β_k = sgn·α·(1/γ_kq)·(1{k=kx} − 1{k=kq})
+            grad_beta = torch.zeros_like(beta).index_add_(0, kx_flat, w_flat).index_add_(0, kq, -per_level)
+        return grad_x, grad_alpha, grad_gamma, grad_beta, None, None
+
+
+def lcq_quantize(
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    s: int,
+    symmetric: bool,
+) -> torch.Tensor:
+    """The training forward of LCQ with the gradients of the module docstring.
+
+    ``gamma``/``beta`` ``None`` is the uniform quantizer (identity compander); ``s = 0`` is ``sgn(x)·α``.
+    Unsigned mode clips negative inputs to 0. ``alpha`` broadcasts against ``x``.
+    """
+    return _LCQFunction.apply(x, alpha, gamma, beta, int(s), bool(symmetric))
+
+
+@register_quantizer("lcq")
+class LCQQuantizer(Quantizer):
+    """LCQ with a learned clip ``α`` (per channel for weights when configured) and compander ``θ`` per tensor."""
+
+    OPTIONS = {"segments": 16, "weight_norm": True, "grad_scale": True}
+
+    def __init__(
+        self, bits: int, role: Role, channels: int | None = None, options: Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__(bits, role, channels, options)
+        segments = self.options["segments"]
+        if isinstance(segments, bool) or not isinstance(segments, int) or segments < 1:
+            raise ConfigError(f"quantizer_options segments={segments!r} is invalid: expected a positive integer")
+        per_channel = role == "weight" and bool(channels)
+        self.alpha = nn.Parameter(torch.ones(self.num_params if per_channel else ()))
+        self.register_buffer("signed", torch.tensor(role == "weight"))
+        self.segments = int(segments)
+        # θ exists only where it shapes the quantizer (not for 1/2-bit weights), so every parameter gets a gradient
+        self.theta: nn.Parameter | None
+        self.register_parameter("theta", nn.Parameter(torch.zeros(self.segments)) if self.companding else None)
+        # the weight normaliser σ (per channel or per tensor), refreshed from every weight the quantizer sees
+        self.register_buffer("norm", torch.ones(self.num_params if per_channel else ()))
+        # LSQ's g = 1/sqrt(N·s) for α, fixed from the first tensor
+        self.register_buffer("alpha_grad_scale", torch.tensor(1.0))
+
+    # -- levels -----------------------------------------------------------------------------------------------
+
+    @property
+    def uniform(self) -> bool:
+        return False
+
+    @property
+    def symmetric(self) -> bool:
+        """Weights always; activations when their first batch had negative values."""
+        return self.role == "weight" or bool(self.signed)
+
+    @property
+    def s(self) -> int:
+        """Positive levels besides zero: ``2^b − 1`` (unsigned) or ``2^(b−1) − 1`` (symmetric)."""
+        return self.levels_for(self.symmetric)
+
+    def levels_for(self, symmetric: bool) -> int:
+        return 2 ** (self.bits - 1) - 1 if symmetric else 2**self.bits - 1
+
+    @property
+    def companding(self) -> bool:
+        """False where the compander cannot change the quantizer: ``s ≤ 1`` weights (2-bit uniform, 1-bit sign)."""
+        return not (self.role == "weight" and self.s <= 1)
+
+    def _alpha(self) -> torch.Tensor:
+        return self.alpha.abs().clamp_min(1e-8)
+
+    def _compander(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return compander(self.theta) if self.theta is not None else (None, None)
+
+    def unit_levels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(levels, thresholds)`` of the quantizer for ``α = 1`` (before weight normalisation), sorted."""
+        gamma, beta = self._compander()
+        s = self.s
+        if s == 0:
+            return torch.tensor([-1.0, 1.0]), torch.tensor([0.0])
+        j = torch.arange(0, s + 1, dtype=torch.float32)
+        mids = (torch.arange(1, s + 1, dtype=torch.float32) - 0.5) / s
+        if gamma is not None:
+            with torch.no_grad():
+                pos, cut = expand(j / s, gamma.detach(), beta.detach()), expand(mids, gamma.detach(), beta.detach())
+        else:
+            pos, cut = j / s, mids
+        pos = pos.clamp(0.0, 1.0)
+        pos[-1] = 1.0  # g⁻¹(1) = 1: the top level is exactly α, as the clipped branch of Q
+        if not self.symmetric:
+            return pos, cut
+        return torch.cat([-pos.flip(0)[:-1], pos]), torch.cat([-cut.flip(0), cut])
+
+    def grid(self) -> QuantGrid:
+        unit, cuts = self.unit_levels()
+        scale = (self._alpha() * self.norm).detach()
+        if scale.dim():
+            levels, thresholds = scale.unsqueeze(1) * unit, scale.unsqueeze(1) * cuts
+        else:
+            levels, thresholds = scale * unit, scale * cuts
+        levels_int, int_scale = requantize_levels(levels)
+        return QuantGrid(
+            self.bits, "codebook", int_scale, torch.zeros_like(int_scale), levels, thresholds, levels_int=levels_int
+        )
+
+    # -- data -------------------------------------------------------------------------------------------------
+
+    def _refresh_norm(self, x: torch.Tensor) -> None:
+        if self.role != "weight" or not self.options["weight_norm"]:
+            return
+        with torch.no_grad():
+            flat = x.detach().reshape(x.shape[0], -1) if self.channels else x.detach().reshape(1, -1)
+            std = flat.float().std(dim=1, unbiased=False) if flat.shape[1] > 1 else flat.float().abs().amax(dim=1)
+            self.norm.copy_(std.clamp_min(1e-8).reshape(self.norm.shape))
+
+    def initialize(self, x: torch.Tensor) -> None:
+        if self.role == "activation":
+            self.signed.fill_(bool(x.min() < 0))
+        self._refresh_norm(x)
+        per_channel = self.role == "weight" and bool(self.channels)
+        rows = (x / self.view(self.norm, x)).reshape(x.shape[0] if per_channel else 1, -1).float()
+        mags = rows.abs() if self.symmetric else rows.clamp_min(0.0)
+        if self.s == 0:
+            alpha = mags.mean(dim=1)
+        else:
+            peak = mags.amax(dim=1).clamp_min(1e-8)
+            best, best_err = peak.clone(), torch.full_like(peak, float("inf"))
+            for frac in torch.linspace(1.0 / 32, 1.0, 32):
+                a = (peak * frac).unsqueeze(1)
+                q = torch.clamp(torch.floor(mags / a * self.s + 0.5), max=self.s) * a / self.s
+                err = (q - mags).pow(2).mean(dim=1)
+                better = err < best_err
+                best, best_err = torch.where(better, a.squeeze(1), best), torch.where(better, err, best_err)
+            alpha = best
+        self.alpha.copy_(alpha.clamp_min(1e-8).reshape(self.alpha.shape))
+        self.alpha_grad_scale.fill_(self.gradient_scale(x))
+
+    # -- forward ----------------------------------------------------------------------------------------------
+
+    def gradient_scale(self, x: torch.Tensor) -> float:
+        if not self.options["grad_scale"]:
+            return 1.0
+        n = x.numel() // (self.channels or 1) if self.role == "weight" else (x[0].numel() if x.dim() > 1 else x.numel())
+        return 1.0 / math.sqrt(max(n, 1) * max(self.s, 1))
+
+    def soft_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._refresh_norm(x)
+        gamma, beta = self._compander()
+        alpha = self.view(grad_scale(self._alpha(), self.alpha_grad_scale), x)
+        symmetric = self.symmetric  # read once: a data-dependent branch is a graph break under torch.compile
+        s = self.levels_for(symmetric)
+        if self.role == "weight" and self.options["weight_norm"]:
+            norm = self.view(self.norm, x)
+            return lcq_quantize(x / norm, alpha, gamma, beta, s, True) * norm
+        return lcq_quantize(x, alpha, gamma, beta, s, symmetric)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        self._refresh_norm(x)
+        grid = self.grid()
+        return threshold_codes(x, grid.thresholds)
+
+    def hard_forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes = self.codes(x)
+        return self.grid().dequantize(codes)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, segments={self.segments if self.theta is not None else 0}, s={self.s}"

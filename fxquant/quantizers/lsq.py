@@ -1,0 +1,130 @@
+"""LSQ: Learned Step Size Quantization (Esser et al., ICLR 2020, arXiv 1902.08153).
+
+The quantizer is ``x̂ = round(clip(x/s, −Q_N, Q_P)) · s`` (Eq. 1-2) with a learned step ``s``. Its gradient
+treats rounding as the identity (straight-through), which gives the paper's step-size gradient (Eq. 3)::
+
+    ∂x̂/∂s = −x/s + round(x/s)   if −Q_N < x/s < Q_P
+          = −Q_N                 if x/s ≤ −Q_N
+          = Q_P                  if x/s ≥ Q_P
+
+and the step's gradient is multiplied by ``g = 1/sqrt(N·Q_P)`` (Section 2.2; ``N`` is the number of weights
+sharing ``s``, or the number of features per example for activations). ``s`` starts at
+``2·mean|x| / sqrt(Q_P)`` on the first weights or batch.
+
+Grids: weights are signed, ``[−2^(b−1), 2^(b−1)−1]`` (encoding ``"signed"``), per channel when configured.
+Activations are unsigned ``[0, 2^b−1]``. Our designs where the paper is silent:
+
+- 1-bit weights use the symmetric pair ``±s`` (encoding ``"bipolar"``; a 1-bit two's-complement grid would be
+  ``{−s, 0}``), with ``Q_N = Q_P = 1`` in the formulas above and ``s`` initialised to ``mean|x|`` (the
+  L2-optimal binary scale; ``2·mean|x|/sqrt(1)`` would clip nothing and double the error).
+- Activations whose first batch holds negative values (e.g. a normalised image feeding the first layer)
+  use the same signed grid as weights (zero-centred, no offset to learn), fixed at initialisation.
+- Rounding is half-up (``floor(v + ½)``), the convention of the integer reference, so that the training
+  forward value and the frozen graph agree on ties.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxquant.quantizers.base import Quantizer, Role
+from fxquant.quantizers.grid import QuantGrid
+from fxquant.quantizers.registry import register_quantizer
+
+__all__ = ["LSQQuantizer", "lsq_quantize", "grad_scale"]
+
+
+def grad_scale(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Identity in the forward pass; multiplies the gradient by ``scale`` (LSQ Section 2.2)."""
+    y = x * scale
+    return (x - y).detach() + y
+
+
+def lsq_quantize(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, bipolar: bool = False) -> torch.Tensor:
+    """``round(clip(x/s, −Q_N, Q_P))·s`` with a straight-through round (Eq. 1-3); ``bipolar`` gives ``±s``."""
+    v = x / step
+    if bipolar:
+        vc = torch.clamp(v, -1.0, 1.0)
+        q = torch.where(vc >= 0, torch.ones_like(vc), -torch.ones_like(vc))
+    else:
+        vc = torch.clamp(v, -qn, qp)
+        q = torch.floor(vc + 0.5)
+    return ((q - vc).detach() + vc) * step
+
+
+@register_quantizer("lsq")
+class LSQQuantizer(Quantizer):
+    """LSQ with one learned step per tensor (activations) or per output channel (weights, when configured)."""
+
+    OPTIONS = {"grad_scale": True}
+
+    def __init__(
+        self, bits: int, role: Role, channels: int | None = None, options: Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__(bits, role, channels, options)
+        self.step = nn.Parameter(torch.ones(self.num_params if (role == "weight" and channels) else ()))
+        self.register_buffer("signed", torch.tensor(role == "weight"))
+        # g = 1/sqrt(N·Q_P), fixed from the first tensor (a buffer, so compiled graphs see no symbolic shapes)
+        self.register_buffer("step_grad_scale", torch.tensor(1.0))
+
+    # -- grid ---------------------------------------------------------------------------------------------
+
+    def is_signed(self) -> bool:
+        """Weights always; activations when their first batch had negative values."""
+        return self.role == "weight" or bool(self.signed)
+
+    @property
+    def bipolar(self) -> bool:
+        return self.bits == 1 and self.is_signed()
+
+    def bounds(self, signed: bool | None = None) -> tuple[int, int]:
+        """``(Q_N, Q_P)``: the number of negative and positive levels."""
+        signed = self.is_signed() if signed is None else signed
+        if signed and self.bits == 1:
+            return 1, 1
+        if signed:
+            return 2 ** (self.bits - 1), 2 ** (self.bits - 1) - 1
+        return 0, 2**self.bits - 1
+
+    def _step(self) -> torch.Tensor:
+        return self.step.abs().clamp_min(1e-8)
+
+    def grid(self) -> QuantGrid:
+        s = self._step()
+        signed = self.is_signed()
+        encoding = ("bipolar" if self.bits == 1 else "signed") if signed else "unsigned"
+        return QuantGrid(self.bits, encoding, s, torch.zeros_like(s))
+
+    # -- data ---------------------------------------------------------------------------------------------
+
+    def initialize(self, x: torch.Tensor) -> None:
+        if self.role == "activation":
+            self.signed.fill_(bool(x.min() < 0))
+        _, qp = self.bounds()
+        per_channel = self.role == "weight" and bool(self.channels)
+        mean_abs = x.abs().reshape(x.shape[0], -1).mean(dim=1) if per_channel else x.abs().mean()
+        factor = 1.0 if self.bipolar else 2.0 / math.sqrt(qp)
+        self.step.copy_((mean_abs * factor).clamp_min(1e-8).reshape(self.step.shape))
+        self.step_grad_scale.fill_(self.gradient_scale(x))
+
+    def gradient_scale(self, x: torch.Tensor) -> float:
+        """``g = 1/sqrt(N·Q_P)``: ``N`` = elements per step (weights) or features per example (activations)."""
+        if not self.options["grad_scale"]:
+            return 1.0
+        _, qp = self.bounds()
+        if self.role == "weight":
+            n = x.numel() // (self.channels or 1)
+        else:
+            n = x[0].numel() if x.dim() > 1 else x.numel()
+        return 1.0 / math.sqrt(max(n, 1) * qp)
+
+    def soft_forward(self, x: torch.Tensor) -> torch.Tensor:
+        signed = self.is_signed()  # read once: a data-dependent branch is a graph break under torch.compile
+        qn, qp = self.bounds(signed)
+        s = self.view(grad_scale(self._step(), self.step_grad_scale), x)
+        return lsq_quantize(x, s, qn, qp, bipolar=signed and self.bits == 1)

@@ -1,0 +1,186 @@
+"""SDQ: Stochastic Differentiable Quantization (Huang et al., ICML 2022, arXiv 2206.04459).
+
+The paper's verified idea: a Differentiable Bitwidth Parameter (DBP) is the probability factor of a
+stochastic choice between *adjacent* bit-widths. Its exact equations were not retrieved, so the mechanics
+here are ours (ALGORITHMS.md, "SDQ: our design where the paper is silent"):
+
+- One learnable logit ``θ`` per quantizer; ``p = sigmoid(θ)`` is the probability of using the current
+  bit-width ``b`` rather than ``b − 1``. A base quantizer (DSQ by default, option ``base``) is evaluated at
+  both bit-widths with the same learned parameters (its clip range and α).
+- Each training forward samples the choice with a straight-through Gumbel-sigmoid: ``s = sigmoid((θ + g)/τ)``
+  with logistic noise ``g``; the forward value is exactly ``Q_b(x)`` when ``s > ½`` (probability ``p``) and
+  ``Q_{b−1}(x)`` otherwise, and ``θ`` receives the gradient of ``s·(Q_b(x) − Q_{b−1}(x))``, so the task loss
+  raises ``p`` where the extra bit helps.
+- The hard form (eval, ``grid``, ``codes``, freezing) is the base quantizer at ``b``.
+- The gradient that reaches the relaxed sample, ``∂L/∂z = Σ ∂L/∂y · (Q_b(x) − Q_{b−1}(x))``, is the
+  first-order change of the loss between the two bit-widths; its running sum (:attr:`task_grad_sum`,
+  ``task_grad_count``) is the DBP's measure of how much the layer needs bit ``b`` (:meth:`sensitivity`).
+- :meth:`step_down` moves to ``b − 1``, resets ``θ`` and that record, and re-initialises the base range at the
+  next forward (a range fitted to 8 bits wastes most levels at 3). At ``min_bits`` it is deterministic.
+
+The search (:mod:`fxquant.passes.sdq_search`) drives the step-downs and shares one ``θ`` (and one noise
+draw, through :attr:`noise`) between tied layers; used on its own (``QuantConfig(quantizer="sdq")``) the
+quantizer trains with stochastic precision at fixed ``b``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxquant.config import MAX_BITS, MIN_BITS
+from fxquant.errors import ConfigError
+from fxquant.quantizers.base import Quantizer, Role
+from fxquant.quantizers.grid import QuantGrid
+from fxquant.quantizers.registry import get_quantizer, register_quantizer
+
+__all__ = ["StochasticBitwidthQuantizer", "gumbel_sigmoid"]
+
+NOISE_EPS = 1e-6
+
+
+def gumbel_sigmoid(
+    logit: torch.Tensor, temperature: float, uniform: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Bernoulli(``sigmoid(logit)``) sample as ``(hard bool, relaxed value)``; ``uniform`` is the U(0, 1) draw.
+
+    ``hard = (logit + g > 0)`` with logistic noise ``g = log u − log(1 − u)``, so ``P(hard) = sigmoid(logit)``
+    exactly; ``relaxed = sigmoid((logit + g)/τ)`` carries the gradient.
+    """
+    u = torch.rand((), device=logit.device) if uniform is None else uniform.to(logit.device)
+    u = u.clamp(NOISE_EPS, 1.0 - NOISE_EPS)
+    relaxed = torch.sigmoid((logit + torch.log(u) - torch.log1p(-u)) / temperature)
+    return relaxed.detach() > 0.5, relaxed
+
+
+@register_quantizer("sdq")
+class StochasticBitwidthQuantizer(Quantizer):
+    """A base quantizer used at ``bits`` or ``bits − 1``, chosen at random with a learned probability."""
+
+    OPTIONS = {"base": "dsq", "base_options": {}, "min_bits": 1, "temperature": 1.0, "init_logit": 2.0}
+
+    def __init__(self, bits: int, role: Role, channels: int | None = None, options: Mapping[str, Any] | None = None):
+        super().__init__(bits, role, channels, options)
+        self.base: Quantizer = get_quantizer(self.options["base"])(
+            bits, role, channels, dict(self.options["base_options"])
+        )
+        self.floor = int(self.options["min_bits"])
+        self.temperature = float(self.options["temperature"])
+        self.init_logit = float(self.options["init_logit"])
+        self.logit = nn.Parameter(torch.tensor(self.init_logit))
+        self.register_buffer("active", torch.tensor(self.bits > self.floor))
+        self.register_buffer("task_grad_sum", torch.zeros(()))
+        self.register_buffer("task_grad_count", torch.zeros((), dtype=torch.int64))
+        #: a U(0, 1) draw set by the search for every member of a tie group; ``None`` draws privately
+        self.noise: torch.Tensor | None = None
+
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> None:
+        super().validate_options(options)
+        base = options.get("base", cls.OPTIONS["base"])
+        if base == cls.scheme or base == "sdq":
+            raise ConfigError("quantizer_options base='sdq' is invalid: the base must be a fixed-bit scheme")
+        base_options = options.get("base_options", {})
+        if not isinstance(base_options, Mapping):
+            raise ConfigError(f"quantizer_options base_options={base_options!r} must be a mapping")
+        get_quantizer(base).validate_options(dict(base_options))
+        floor = options.get("min_bits", cls.OPTIONS["min_bits"])
+        if isinstance(floor, bool) or not isinstance(floor, int) or not MIN_BITS <= floor <= MAX_BITS:
+            raise ConfigError(f"quantizer_options min_bits={floor!r} is invalid: expected {MIN_BITS}..{MAX_BITS}")
+        temperature = options.get("temperature", cls.OPTIONS["temperature"])
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ConfigError(f"quantizer_options temperature={temperature!r} is invalid: expected a number > 0")
+        init = options.get("init_logit", cls.OPTIONS["init_logit"])
+        if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
+            raise ConfigError(f"quantizer_options init_logit={init!r} is invalid: expected a finite number")
+
+    # -- bit-width state ----------------------------------------------------------------------------------
+
+    @property
+    def uniform(self) -> bool:
+        return self.base.uniform
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether training forwards still choose between ``bits`` and ``bits − 1``."""
+        return bool(self.active) and self.bits > self.floor
+
+    def keep_probability(self) -> torch.Tensor:
+        """``p = sigmoid(θ)``, differentiable; 1 when the quantizer is deterministic."""
+        if not self.stochastic:
+            return torch.ones((), device=self.logit.device)
+        return torch.sigmoid(self.logit)
+
+    def sensitivity(self) -> float | None:
+        """Mean loss increase of using ``b − 1`` instead of ``b`` seen so far at ``b`` (``−mean ∂L/∂z``)."""
+        count = int(self.task_grad_count)
+        return -float(self.task_grad_sum) / count if count else None
+
+    def _record_task_grad(self, grad: torch.Tensor) -> None:
+        self.task_grad_sum.add_(grad.detach().reshape(()).to(self.task_grad_sum.dtype))
+        self.task_grad_count.add_(1)
+
+    def set_bits(self, bits: int) -> None:
+        self.bits = int(bits)
+        self.base.bits = int(bits)
+
+    def step_down(self) -> None:
+        """``b ← b − 1``; the DBP restarts at its initial logit and the range is refitted at the next forward."""
+        if self.bits <= self.floor:
+            raise ConfigError(f"cannot step below min_bits={self.floor}")
+        self.set_bits(self.bits - 1)
+        with torch.no_grad():
+            self.logit.fill_(self.init_logit)
+        self.task_grad_sum.zero_()
+        self.task_grad_count.zero_()
+        self.initialized.fill_(False)
+        self.active.fill_(self.bits > self.floor)
+
+    def _at_bits(self, bits: int, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        saved = self.base.bits
+        self.base.bits = bits
+        try:
+            return fn(x)
+        finally:
+            self.base.bits = saved
+
+    # -- the contract ---------------------------------------------------------------------------------------
+
+    def initialize(self, x: torch.Tensor) -> None:
+        self.base.initialize(x)
+        self.base.initialized.fill_(True)
+
+    def soft_forward(self, x: torch.Tensor) -> torch.Tensor:
+        high = self.base.soft_forward(x)
+        if not self.stochastic:
+            return high
+        low = self._at_bits(self.bits - 1, self.base.soft_forward, x)
+        hard, relaxed = gumbel_sigmoid(self.logit, self.temperature, self.noise)
+        if relaxed.requires_grad:
+            relaxed.register_hook(self._record_task_grad)
+        # forward: exactly one of the two; gradient: the chosen branch, and θ through the relaxed sample
+        return torch.where(hard, high, low) + (relaxed - relaxed.detach()) * (high - low)
+
+    def update_schedule(self, progress: float) -> None:
+        self.base.update_schedule(progress)
+
+    def grid(self) -> QuantGrid:
+        return self.base.grid()
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base.codes(x)
+
+    def integer_weight(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.base.integer_weight(codes)
+
+    def hard_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base.hard_forward(x)
+
+    def extra_repr(self) -> str:
+        p = float(torch.sigmoid(self.logit.detach()))
+        choice = f"bits={self.bits}|{self.bits - 1}, p_keep={p:.3f}" if self.stochastic else f"bits={self.bits}"
+        return f"{choice}, role={self.role}, base={self.options['base']}"

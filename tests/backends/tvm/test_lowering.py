@@ -1,0 +1,178 @@
+"""Graph translation: unsupported ops reported together, input shapes, options, kernel selection, float layers."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from fxquant.backends.tvm import selection
+from fxquant.backends.tvm.lower import STAGE, unsupported_nodes
+from fxquant.backends.tvm.selection import BITSERIAL_MODULE, bitserial_module, select_kernel
+from fxquant.passes.freeze import integer_layers
+from torch import nn
+
+import fxquant
+from tests.backends.tvm.helpers import ResidualNet, assert_matches_reference, quantized
+
+
+class ThreeProblems(nn.Module):
+    """A conv net with a GELU module, a cumsum call and an AvgPool2d with divisor_override."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.GELU()
+        self.pool = nn.AvgPool2d(2, divisor_override=3)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.pool(self.act(self.conv(x)))
+        y = torch.cumsum(y, dim=1)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_all_unsupported_ops_in_one_error() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    q = quantized(ThreeProblems(), x, weight_bits=4, act_bits=4)
+    with pytest.raises(fxquant.UnsupportedOpError) as info:
+        fxquant.convert(q, backend="tvm-llvm")
+    err = info.value
+    assert err.stage == STAGE
+    assert len(err.nodes) == 3, err.nodes
+    text = str(err)
+    assert "torch.nn.modules.activation.GELU" in text and "no converter" in text
+    assert "cumsum" in text
+    assert "divisor_override=3" in text
+    assert unsupported_nodes(fxquant.passes.freeze(q)) == err.nodes
+
+
+def test_training_mode_stochastic_depth_is_reported() -> None:
+    from torchvision.ops import StochasticDepth
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.drop = StochasticDepth(0.2, "row")
+
+        def forward(self, x):
+            return self.drop(self.conv(x)).flatten(1)
+
+    x = torch.randn(2, 3, 6, 6)
+    frozen = fxquant.passes.freeze(quantized(Net(), x, weight_bits=4, act_bits=4))
+    assert unsupported_nodes(frozen) == []  # traced in eval: an identity
+    (node,) = [n for n in frozen.graph.nodes if "stochastic_depth" in n.name]
+    node.args = (*node.args[:3], True)
+    (problem,) = unsupported_nodes(frozen)
+    assert "stochastic_depth(p=0.2) in training mode" in problem
+
+
+def test_input_shape_from_example_inputs_when_not_recorded() -> None:
+    x = torch.randn(2, 3, 16, 16)
+    q = quantized(ResidualNet(width=8), x, weight_bits=2, act_bits=2)
+    for node in q.graph.nodes:
+        node.meta.pop("tensor_meta", None)
+    with pytest.raises(fxquant.BackendError, match="has no recorded shape.*example_inputs"):
+        fxquant.convert(q, backend="tvm-llvm")
+    x1 = torch.randn(1, 3, 16, 16)
+    mod = fxquant.convert(q, backend="tvm-llvm", example_inputs=(x1,))
+    assert mod.manifest["inputs"] == [{"name": "x", "shape": [1, 3, 16, 16], "dtype": "float32"}]
+    ref = fxquant.convert(q, backend="torch")
+    torch.testing.assert_close(mod(x1), ref(x1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"bitserial_max_bit": 4}, "unknown option.*bitserial_max_bit"),
+        ({"bitserial_max_bits": 9}, "bitserial_max_bits=9"),
+        ({"debug_accumulators": "yes"}, "debug_accumulators='yes'"),
+        ({"target": "llvm"}, "target='llvm'"),
+        ({"target": {"kind": "no-such-kind"}}, "not a valid TVM target"),
+    ],
+)
+def test_bad_options_name_the_option(options: dict, message: str) -> None:
+    x = torch.randn(2, 3, 8, 8)
+    q = quantized(ResidualNet(width=8), x, weight_bits=2, act_bits=2)
+    with pytest.raises(fxquant.ConfigError, match=message):
+        fxquant.convert(q, backend="tvm-llvm", **options)
+
+
+def test_tvm_arm_needs_output_dir() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    q = quantized(ResidualNet(width=8), x, weight_bits=2, act_bits=2)
+    with pytest.raises(fxquant.ConfigError, match="output_dir"):
+        fxquant.convert(q, backend="tvm-arm")
+
+
+def _layers(bits: int = 2, groups: int = 1) -> dict:
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    x = torch.randn(2, 8, 6, 6)
+    q = quantized(Net(), x, weight_bits=bits, act_bits=bits, first_last_bits=None)
+    return integer_layers(fxquant.passes.freeze(q))
+
+
+def test_selection_reasons() -> None:
+    layers = _layers(bits=2)
+    conv = layers["conv"]
+    missing = select_kernel(conv, enabled=True, max_bits=4, module=None)
+    assert missing.kind == "int8" and "not installed" in missing.reason
+    disabled = select_kernel(conv, enabled=False, max_bits=4, module=None)
+    assert disabled.kind == "int8" and "bitserial=False" in disabled.reason
+    accept = SimpleNamespace(bitserial_supported=lambda layer: (True, ""))
+    assert select_kernel(conv, enabled=True, max_bits=4, module=accept).kind == "bitserial"
+    above = select_kernel(conv, enabled=True, max_bits=1, module=accept)
+    assert above.kind == "int8" and "bitserial_max_bits=1" in above.reason
+    decline = SimpleNamespace(bitserial_supported=lambda layer: (False, "no thanks"))
+    declined = select_kernel(conv, enabled=True, max_bits=4, module=decline)
+    assert declined.kind == "int8" and "no thanks" in declined.reason
+    eight = _layers(bits=8)["conv"]
+    kind = select_kernel(eight, enabled=True, max_bits=4, module=accept).kind
+    assert kind == ("int8" if int(eight.weight_int.abs().max()) <= 127 else "int32")
+    if bitserial_module() is not None:
+        grouped = _layers(bits=2, groups=2)["conv"]
+        choice = select_kernel(grouped, enabled=True, max_bits=4, module=bitserial_module())
+        assert choice.kind == "int8" and "groups" in choice.reason
+
+
+def test_only_a_missing_kernel_module_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.import_module
+
+    def missing_kernel(name: str, *args):
+        if name == BITSERIAL_MODULE:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=BITSERIAL_MODULE)
+        return real(name, *args)
+
+    monkeypatch.setattr(selection.importlib, "import_module", missing_kernel)
+    assert bitserial_module() is None
+
+    def broken_dependency(name: str, *args):
+        if name == BITSERIAL_MODULE:
+            raise ModuleNotFoundError("No module named 'some_dependency'", name="some_dependency")
+        return real(name, *args)
+
+    monkeypatch.setattr(selection.importlib, "import_module", broken_dependency)
+    with pytest.raises(ModuleNotFoundError, match="some_dependency"):
+        bitserial_module()
+
+
+def test_excluded_layers_stay_float_and_are_reported() -> None:
+    x = torch.randn(2, 3, 16, 16)
+    q = quantized(ResidualNet(width=8), x, weight_bits=2, act_bits=2, exclude=("b2", "head"))
+    ref = fxquant.convert(q, backend="torch")
+    mod = fxquant.convert(q, backend="tvm-llvm", debug_accumulators=True)
+    layers = {e["name"]: e for e in mod.manifest["layers"]}
+    assert layers["b2"]["kernel"] == "float" and layers["head"]["kernel"] == "float"
+    assert re.search(r"head\s+Linear\s+32/32\s+float", mod.report())
+    assert_matches_reference(mod, ref, x)

@@ -1,0 +1,64 @@
+"""The TVM stages of the pipeline: compile-and-verify on this host, and aarch64 artifact folders whose
+integrity verify checks (a truncated ``model.so`` is caught)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxquant
+from fxquant.checkpoint import Checkpoint, save_checkpoint
+from fxquant.cli import main
+from fxquant.model_spec import ModelSpec
+from tests.conftest import calibrate_bn
+
+pytest.importorskip("fxquant.backends.tvm")
+pytestmark = pytest.mark.slow
+
+SPEC = ModelSpec("tests.conftest:TinyNet", {"classes": 5})
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A prepared TinyNet checkpoint and a 12x12 RGB ImageFolder to verify on."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    model = calibrate_bn(SPEC.build(), (8, 3, 12, 12))
+    qmodel = fxquant.prepare(model, (torch.randn(8, 3, 12, 12),), fxquant.QuantConfig(weight_bits=2, act_bits=2))
+    save_checkpoint(Checkpoint.from_prepared(qmodel, (3, 12, 12), SPEC), "q.ckpt")
+    generator = torch.Generator().manual_seed(0)
+    for label in ("a", "b", "c"):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for i in range(3):
+            pixels = torch.randint(0, 256, (12, 12, 3), generator=generator, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels, "RGB").save(tmp_path / "imgs" / label / f"{i}.png")
+    return tmp_path
+
+
+def test_verify_compiles_for_this_host_and_agrees(workdir: Path) -> None:
+    args = ["verify", "--backend", "tvm-llvm", "--reference", "q.ckpt", "--data", "imgs", "--batch-size", "4"]
+    assert main(args) == 0
+    report = json.loads(Path("q.ckpt.verify-tvm-llvm.report.json").read_text())
+    assert report["metrics"]["samples"] == 9  # two full batches and a padded one
+    assert report["metrics"]["top1_agreement"] == 1.0
+    assert report["metrics"]["max_abs_diff"] <= 1e-4
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="no aarch64 cross compiler")
+def test_arm_artifact_folder_is_checked_for_integrity(workdir: Path, capsys) -> None:
+    assert main(["convert", "q.ckpt", "--backend", "tvm-arm", "-o", "art"]) == 0
+    assert sorted(p.name for p in Path("art").iterdir()) == ["manifest.json", "model.so", "run_model.py"]
+    assert json.loads(Path("art.report.json").read_text())["outputs"]["artifacts"]["path"] == "art"
+    assert main(["verify", "art", "--reference", "q.ckpt", "--integrity-only"]) == 0
+    capsys.readouterr()
+    assert main(["verify", "art", "--reference", "q.ckpt", "--force"]) == 1  # cannot run aarch64 code here
+    assert "pass --integrity-only" in capsys.readouterr().err
+    library = Path("art/model.so")
+    library.write_bytes(library.read_bytes()[:1000])
+    assert main(["verify", "art", "--reference", "q.ckpt", "--integrity-only", "--force"]) == 1
+    assert "truncated or corrupted" in capsys.readouterr().err
