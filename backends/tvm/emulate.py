@@ -53,6 +53,13 @@ def emulation_available() -> bool:
     return not emulation_missing()
 
 
+def qemu_python_command(script: str | Path, *args: str) -> list[str]:
+    """The command line that runs ``script`` with the cached aarch64 Python and TVM runtime under qemu."""
+    site, sysroot = cache_dir() / "site", cache_dir() / "sysroot"
+    return [QEMU, "-L", str(sysroot), "-E", f"PYTHONPATH={site}", "-E", "TVM_USE_RUNTIME_LIB=1",
+            "-E", "PYTHONDONTWRITEBYTECODE=1", str(_python()), str(script), *args]
+
+
 def run_under_qemu(artifact_dir: str | Path, inputs: Sequence[np.ndarray], timeout: float = 900.0) -> list[np.ndarray]:
     """Run ``run_model.py`` of an artifact under qemu; returns its outputs (then any debug accumulators).
 
@@ -75,7 +82,6 @@ def run_under_qemu(artifact_dir: str | Path, inputs: Sequence[np.ndarray], timeo
                 f"input {spec['name']!r}: expected {spec['shape']} {spec['dtype']}, "
                 f"got {list(array.shape)} {array.dtype}"
             )
-    site, sysroot = cache_dir() / "site", cache_dir() / "sysroot"
     with tempfile.TemporaryDirectory(prefix="fxquant-qemu-") as tmp:
         work = Path(tmp)
         paths = []
@@ -83,9 +89,9 @@ def run_under_qemu(artifact_dir: str | Path, inputs: Sequence[np.ndarray], timeo
             paths.append(work / f"input_{i}.npy")
             np.save(paths[-1], np.ascontiguousarray(array))
         out_dir = work / "out"
-        command = [QEMU, "-L", str(sysroot), "-E", f"PYTHONPATH={site}", "-E", "TVM_USE_RUNTIME_LIB=1",
-                   "-E", "PYTHONDONTWRITEBYTECODE=1", str(_python()), str(artifact_dir / "run_model.py"),
-                   "--artifact", str(artifact_dir), "--output-dir", str(out_dir)]
+        command = qemu_python_command(
+            artifact_dir / "run_model.py", "--artifact", str(artifact_dir), "--output-dir", str(out_dir)
+        )
         for path in paths:
             command += ["--input", str(path)]
         try:

@@ -47,10 +47,8 @@ def integer_layer_problem(node: fx.Node, layer: nn.Module | None) -> str | None:
 
 
 def padded_thresholds(layer: IntegerLayer) -> np.ndarray:
-    """Sorted float32 thresholds padded with +inf to ``2**k - 1`` entries (the binary search's shape)."""
-    values = np.sort(layer.input_thresholds.detach().cpu().numpy().astype(np.float32).reshape(-1))
-    size = (1 << int(values.size).bit_length()) - 1
-    return np.concatenate([values, np.full(size - values.size, np.inf, np.float32)])
+    """The thresholds as a sorted float32 vector (sorted is what ``bucketize`` assumes too)."""
+    return np.sort(layer.input_thresholds.detach().cpu().numpy().astype(np.float32).reshape(-1))
 
 
 def _quantize(ctx: LoweringContext, layer: IntegerLayer, x: relax.Expr) -> relax.Expr:

@@ -34,26 +34,16 @@ def uniform_codes(x: te.Tensor, low: float, step: float, bits: int) -> te.Tensor
 
 
 def threshold_codes(x: te.Tensor, thresholds: te.Tensor) -> te.Tensor:
-    """How many sorted thresholds ``x`` reaches (``bucketize(right=True)``), as int32, by binary search.
+    """How many sorted thresholds ``x`` reaches (``bucketize(right=True)``), as int32.
 
-    ``thresholds`` holds ``2**k - 1`` sorted values (padded with +inf): ``k`` compares per element.
+    A reduction over the threshold axis: a sum of unrolled comparisons grows TVM's simplification
+    time with the square of its length, and a let-bound binary search breaks block region analysis.
     """
-    count = int(thresholds.shape[0])
-    steps = [1 << i for i in range(count.bit_length() - 1, -1, -1)]
-
-    def search(value: tirx.PrimExpr, pos: tirx.PrimExpr, level: int) -> tirx.PrimExpr:
-        """Each position is let-bound: written inline it would double at every step."""
-        if level == len(steps):
-            return pos
-        var, step = tirx.Var(f"pos{level}", "int32"), steps[level]
-        taken = tirx.Select(thresholds[var + (step - 1)] <= value, tirx.const(step, "int32"), tirx.const(0, "int32"))
-        return tirx.Let(var, pos, search(value, var + taken, level + 1))
-
-    def code(*idx: tirx.Var) -> tirx.PrimExpr:
-        value = tirx.Var("value", "float32")
-        return tirx.Let(value, fence(x(*idx)), search(value, tirx.const(0, "int32"), 0))
-
-    return te.compute(x.shape, code, name="codes")
+    k = te.reduce_axis((0, int(thresholds.shape[0])), "k")
+    one, zero = tirx.const(1, "int32"), tirx.const(0, "int32")
+    return te.compute(
+        x.shape, lambda *idx: te.sum(tirx.Select(thresholds[k] <= fence(x(*idx)), one, zero), axis=k), name="codes"
+    )
 
 
 def lookup_values(codes: te.Tensor, table: te.Tensor) -> te.Tensor:

@@ -1,8 +1,8 @@
 """A default CPU schedule for the fused float/elementwise PrimFuncs that legalization produces.
 
 The Relax CPU pipeline leaves TIR unscheduled (one thread, scalar loops). This rule inlines what it can
-(the dlight helper), then per remaining block parallelizes the outer spatial loops and vectorizes a
-contiguous innermost spatial extent. Kernels that arrive already scheduled (``tirx.is_scheduled``) are
+(never reverse-inlining into a reduction), then per remaining block parallelizes the outer spatial loops
+and vectorizes a contiguous innermost spatial extent. Kernels that arrive already scheduled (``tirx.is_scheduled``) are
 skipped by :class:`~tvm.s_tir.dlight.ApplyDefaultSchedule`; functions this rule cannot handle are left
 as they are and listed by :func:`unscheduled_functions`, so a slow kernel is never silent.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from tvm import IRModule, s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.dlight.base import ScheduleRule, try_inline
+from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 __all__ = ["CpuGeneric", "unscheduled_functions", "VECTOR_LANES", "MIN_PARALLEL_EXTENT"]
@@ -20,6 +20,39 @@ __all__ = ["CpuGeneric", "unscheduled_functions", "VECTOR_LANES", "MIN_PARALLEL_
 VECTOR_LANES = 8
 #: below this many iterations a thread-pool launch costs more than it saves
 MIN_PARALLEL_EXTENT = 4096
+
+
+def _is_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
+    """A block with an init statement or a non-spatial axis (a unit reduction axis may be gone)."""
+    stmt = sch.get(block)
+    return stmt.init is not None or any(int(iv.iter_type) != tirx.IterVar.DataPar for iv in stmt.iter_vars)
+
+
+def _inline(sch: s_tir.Schedule, infos: list) -> list:
+    """dlight's ``try_inline``, except that nothing is reverse-inlined into a reduction: a reduction with a
+    unit-extent axis can otherwise absorb its consumer and read the consumer's output as its accumulator."""
+
+    def attempt(reverse: bool) -> int | None:
+        for i, info in enumerate(infos):
+            try:
+                if reverse:
+                    if any(_is_reduction(sch, p) for p in sch.get_producers(info.block_rv)):
+                        continue
+                    sch.reverse_compute_inline(info.block_rv)
+                else:
+                    sch.compute_inline(info.block_rv)
+            except s_tir.schedule.ScheduleError:
+                continue
+            return i
+        return None
+
+    while True:
+        done = attempt(reverse=False)
+        if done is None:
+            done = attempt(reverse=True)
+        if done is None:
+            return infos
+        infos.pop(done)
 
 
 def _extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int | None:
@@ -37,7 +70,7 @@ class CpuGeneric(ScheduleRule):
         infos = normalize_prim_func(sch)
         if infos is None:
             return None
-        for info in try_inline(sch, infos):
+        for info in _inline(sch, infos):
             kinds = info.dom_kind()
             loops = sch.get_loops(info.block_rv)
             if not loops or len(loops) != len(kinds):

@@ -125,7 +125,7 @@ def test_weight_levels_are_odd_integers_times_alpha(bits):
 
 def test_weight_init_follows_the_original_code():
     w = torch.randn(3, 50)
-    q = QNQuantizer(2, "weight", channels=3)
+    q = QNQuantizer(2, "weight", channels=3, options={"alpha_init": "inverse_beta"})
     q(w)
     torch.testing.assert_close(q.beta.detach(), 1.25 * 3 / w.abs().amax(dim=1))
     torch.testing.assert_close(q.alpha.detach(), 1 / q.beta.detach())
@@ -134,6 +134,19 @@ def test_weight_init_follows_the_original_code():
     thresholds = q.grid().thresholds
     assert thresholds.shape == (3, 3)
     torch.testing.assert_close(thresholds, q.biases[None, :] / q.beta.detach()[:, None])
+
+
+def test_default_alpha_is_the_least_squares_fit_of_the_staircase():
+    w = torch.randn(3, 50)
+    q = QNQuantizer(2, "weight", channels=3)
+    q(w)
+    staircase = q.codes(w) * q.height - q.offset
+    expected = (w * staircase).sum(1) / (staircase * staircase).sum(1)
+    torch.testing.assert_close(q.alpha.detach(), expected)
+    # the fit is at least as good as the original's 1/beta in squared error, per channel
+    fit = ((w - q.alpha.detach()[:, None] * staircase) ** 2).sum(1)
+    inverse = ((w - staircase / q.beta.detach()[:, None]) ** 2).sum(1)
+    assert bool((fit <= inverse + 1e-6).all())
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3])
@@ -234,6 +247,10 @@ def test_freeze_equals_prepared_eval(tiny_net, bits):
 
 
 def test_config_errors():
-    assert_unknown_option_rejected("qn", {"temperature_start", "temperature_end", "temperature_cap", "outlier_sigmas"})
+    assert_unknown_option_rejected(
+        "qn", {"temperature_start", "temperature_end", "temperature_cap", "outlier_sigmas", "alpha_init"}
+    )
+    with pytest.raises(fxquant.ConfigError, match="alpha_init"):
+        QNQuantizer(2, "weight", options={"alpha_init": "median"})
     with pytest.raises(fxquant.ConfigError, match="temperature"):
         QNQuantizer(2, "weight", options={"temperature_start": -1.0})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from fxquant.backends.tvm.emulate import emulation_available, emulation_missing, qemu_python_command
 from fxquant.backends.tvm.kernels import bitserial_supported, conv2d_primfunc, dense_primfunc, pack_weights
 from fxquant.backends.tvm.kernels.bitserial import select_isa
 from fxquant.backends.tvm.kernels.layout import WORD_BITS, padded_words
@@ -226,11 +226,7 @@ def test_neon_kernel_object_has_cnt(tmp_path: Path):
     assert re.search(r"\bld1r\s+\{\s*v\d+\.2d", dump.stdout)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    not os.environ.get("FXQUANT_QEMU_SYSROOT") or shutil.which("qemu-aarch64") is None,
-    reason="set FXQUANT_QEMU_SYSROOT (aarch64 python3.11) and FXQUANT_QEMU_SITE (aarch64 tvm) to run under qemu",
-)
+@pytest.mark.skipif(not emulation_available(), reason=f"aarch64 emulation absent: {'; '.join(emulation_missing())}")
 def test_neon_kernel_exact_under_qemu(tmp_path: Path):
     from tvm.support import cc
 
@@ -252,9 +248,7 @@ def test_neon_kernel_exact_under_qemu(tmp_path: Path):
         "m['bitserial_conv2d'](tvm.runtime.tensor(d['codes']), tvm.runtime.tensor(d['w']), out)\n"
         "print('EXACT' if np.array_equal(out.numpy(), d['ref']) else 'MISMATCH')\n"
     )
-    sysroot = os.environ["FXQUANT_QEMU_SYSROOT"]
-    cmd = ["qemu-aarch64", "-L", sysroot, "-E", f"PYTHONPATH={os.environ.get('FXQUANT_QEMU_SITE', '')}",
-           f"{sysroot}/usr/bin/python3.11", str(runner)]
+    cmd = qemu_python_command(runner)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert "EXACT" in result.stdout, result.stdout + result.stderr
 
