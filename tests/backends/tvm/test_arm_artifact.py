@@ -17,6 +17,7 @@ import fxquant
 from fxquant.backends.tvm import verify_artifact
 from fxquant.backends.tvm.emulate import emulation_available, emulation_missing, run_under_qemu
 from fxquant.backends.tvm.manifest import sha256_file
+from fxquant.models import resnet20
 from fxquant.passes.freeze import integer_layers
 from tests.backends.tvm.helpers import ResidualNet, quantized, reference_accumulators
 
@@ -142,13 +143,22 @@ def test_emulated_run_equals_host_build_and_reference(built) -> None:
         run_under_qemu(art.path, [x[:1].numpy()])
 
 
+EMULATED_NETWORKS = {
+    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(num_classes=10),
+    "cifar_resnet20": lambda: resnet20(num_classes=10),
+}
+
+
 @pytest.mark.slow
 @needs_cross_compiler
 @needs_emulation
-def test_mobilenet_v2_emulated(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", sorted(EMULATED_NETWORKS))
+def test_network_emulated_equals_host_build(name: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
-    q = quantized(torchvision.models.mobilenet_v2(num_classes=10), x, weight_bits=2, act_bits=2)
-    art = fxquant.convert(q, backend="tvm-arm", output_dir=tmp_path / "mbv2")
+    q = quantized(EMULATED_NETWORKS[name](), x, weight_bits=2, act_bits=2)
+    art = fxquant.convert(q, backend="tvm-arm", output_dir=tmp_path / name)
+    assert art.manifest["kernel_counts"].get("bitserial", 0) > 0, art.manifest["kernel_counts"]
     host = fxquant.convert(q, backend="tvm-llvm")
     (logits,) = run_under_qemu(art.path, [x.numpy()])
     want = host(x)
