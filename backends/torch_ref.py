@@ -6,8 +6,9 @@ rescale follows the order fixed in :mod:`fxquant.integer`. It is the reference t
 
 from __future__ import annotations
 
-from fxquant.backends.registry import register_backend
 from torch import fx
+
+from fxquant.backends.registry import register_backend
 
 __all__ = ["lower_torch"]
 

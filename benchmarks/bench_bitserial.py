@@ -118,8 +118,8 @@ class _Case:
         import numpy as np
         import torch
         import tvm
-        from fxquant.backends.tvm.kernels.bitserial import conv2d_primfunc, conv_geometry, pack_weights, select_isa
 
+        from fxquant.backends.tvm.kernels.bitserial import conv2d_primfunc, conv_geometry, pack_weights, select_isa
         from fxquant.integer import IntegerConv2d
 
         codes_w = torch.randint(0, 1 << wb, (channels, channels, 3, 3), generator=gen)

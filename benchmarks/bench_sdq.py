@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fxquant.passes.cost_model import layer_costs, plan_cost
 from torch import nn
 
 import fxquant
 from fxquant.data import TensorBatches, fashion_mnist_loaders
 from fxquant.losses import sdq_loss
 from fxquant.models import resnet_small
+from fxquant.passes.cost_model import layer_costs, plan_cost
 from fxquant.train import evaluate, train_epoch
 
 

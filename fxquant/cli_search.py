@@ -31,9 +31,7 @@ from fxquant.cli_common import (
 from fxquant.config import QuantConfig
 from fxquant.config_file import load_config_file
 from fxquant.data_source import DataSpec, data_location, open_data
-from fxquant.errors import FxQuantError
 from fxquant.output_files import write_text_atomic
-from fxquant.plan import BitwidthPlan
 from fxquant.report import RunReport
 
 __all__ = ["COMMAND"]
@@ -62,11 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, report: RunReport) -> None:
-    search, budget_type = getattr(fxquant, "search", None), getattr(fxquant, "Budget", None)
-    if search is None or budget_type is None:
-        raise FxQuantError("the SDQ search is not available in this installation (fxquant.search/fxquant.Budget)")
     seed = 0 if args.seed is None else args.seed
-    budget = budget_type.from_dict(dict(args.budget))
+    budget = fxquant.Budget.from_dict(dict(args.budget))
     config = QuantConfig()
     if args.config is not None:
         config = load_config_file(args.config)
@@ -81,10 +76,8 @@ def run(args: argparse.Namespace, report: RunReport) -> None:
     options = fxquant.SearchOptions(steps=args.steps, seed=seed)
     report.settings.update(budget=budget.to_dict(), config=config.to_dict(), options=options.to_dict())
     with report.phase("search"):
-        plan = search(model, (example,), train, budget=budget, config=config, options=options,
-                      progress=progress_enabled(args))
-    if not isinstance(plan, BitwidthPlan):
-        raise FxQuantError(f"fxquant.search returned {type(plan).__name__}, not a BitwidthPlan")
+        plan = fxquant.search(model, (example,), train, budget=budget, config=config, options=options,
+                              progress=progress_enabled(args))
     write_text_atomic(args.output, json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")
     report.add_output("plan", args.output)
     report.settings.update(data=data.to_dict())

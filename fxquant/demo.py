@@ -58,7 +58,9 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
     float_acc = evaluate(model, test)
     print(f"float test accuracy: {float_acc:.2f}%", flush=True)
 
-    config = fxquant.QuantConfig(quantizer=settings.quantizer, weight_bits=settings.weight_bits, act_bits=settings.act_bits)
+    config = fxquant.QuantConfig(
+        quantizer=settings.quantizer, weight_bits=settings.weight_bits, act_bits=settings.act_bits
+    )
     example = next(iter(train))[0]
     qmodel = fxquant.prepare(model, (example,), config)
     t0 = time.perf_counter()

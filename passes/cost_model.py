@@ -24,11 +24,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import torch
-from fxquant.passes.insert_quant import quant_layer_nodes, quantizable_layers
 from torch import fx, nn
 
 from fxquant.errors import ConfigError
 from fxquant.layers import FusedBn, QuantLayer
+from fxquant.passes.insert_quant import quant_layer_nodes, quantizable_layers
 
 __all__ = [
     "LayerCost",

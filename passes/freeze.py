@@ -10,12 +10,12 @@ from __future__ import annotations
 import copy
 
 import torch
-from fxquant.passes.insert_quant import quant_layer_nodes
 from torch import fx, nn
 
 from fxquant.errors import FxQuantError
 from fxquant.integer import IntegerConv2d, IntegerLayer, IntegerLinear
 from fxquant.layers import FusedBn, QuantLayer
+from fxquant.passes.insert_quant import quant_layer_nodes
 
 __all__ = ["freeze", "freeze_layer", "integer_layers"]
 

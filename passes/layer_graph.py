@@ -28,11 +28,11 @@ from dataclasses import dataclass
 
 import networkx as nx
 import torch
-from fxquant.passes.cost_model import COST_META
-from fxquant.passes.insert_quant import quant_layer_nodes, quantizable_layers
 from torch import fx, nn
 
 from fxquant.layers import QUANTIZABLE_TYPES, FusedBn, QuantLayer
+from fxquant.passes.cost_model import COST_META
+from fxquant.passes.insert_quant import quant_layer_nodes, quantizable_layers
 from fxquant.quantizers.base import Quantizer
 
 __all__ = ["TiePolicy", "Ties", "layer_graph", "tie_groups", "TIES_META", "MERGE_TARGETS"]

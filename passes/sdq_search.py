@@ -41,14 +41,14 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from fxquant.passes.cost_model import LayerCost, expected_bits, plan_cost
-from fxquant.passes.insert_quant import quant_layer_nodes
-from fxquant.passes.layer_graph import TiePolicy, Ties
 from torch import fx
 from tqdm.auto import tqdm
 
 from fxquant.budget import Budget
 from fxquant.errors import BudgetError, CheckpointError, ConfigError, NumericsError
+from fxquant.passes.cost_model import LayerCost, expected_bits, plan_cost
+from fxquant.passes.insert_quant import quant_layer_nodes
+from fxquant.passes.layer_graph import TiePolicy, Ties
 from fxquant.quantizers.base import Quantizer
 from fxquant.quantizers.sdq import StochasticBitwidthQuantizer
 

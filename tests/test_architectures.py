@@ -63,7 +63,7 @@ def test_convert_torch_matches_prepared_eval_exactly(name):
     for n, m in q.named_modules():
         if isinstance(m, QuantLayer):
             inputs = []
-            h = m.register_forward_hook(lambda mod, i, o: inputs.append(i[0]))
+            h = m.register_forward_hook(lambda mod, i, o, inputs=inputs: inputs.append(i[0]))
             with torch.no_grad():
                 q(x)
             h.remove()

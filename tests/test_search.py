@@ -4,6 +4,11 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+
+import fxquant
+from fxquant import Budget, BudgetError, CheckpointError, ConfigError, SearchOptions
+from fxquant.data import TensorBatches
+from fxquant.layers import QuantLayer
 from fxquant.passes.cost_model import LayerCost, layer_costs, plan_cost
 from fxquant.passes.layer_graph import TiePolicy, tie_groups
 from fxquant.passes.sdq_search import (
@@ -15,11 +20,6 @@ from fxquant.passes.sdq_search import (
     search_units,
     sensitivity_scales,
 )
-
-import fxquant
-from fxquant import Budget, BudgetError, CheckpointError, ConfigError, SearchOptions
-from fxquant.data import TensorBatches
-from fxquant.layers import QuantLayer
 from fxquant.quantizers.sdq import StochasticBitwidthQuantizer, gumbel_sigmoid
 from fxquant.search import fixed_bits
 from tests.passes.test_layer_graph import tiny_res

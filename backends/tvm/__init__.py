@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import fx
+
 from fxquant.backends.registry import register_backend
 from fxquant.backends.tvm.artifact import Artifact, export_artifact, load_manifest, verify_artifact
 from fxquant.backends.tvm.build import arm_target_dict, compile_module, host_target_dict, make_target
@@ -18,19 +20,26 @@ from fxquant.backends.tvm.lower import lower_graph
 from fxquant.backends.tvm.manifest import build_manifest
 from fxquant.backends.tvm.options import ArmOptions, TvmOptions
 from fxquant.backends.tvm.runtime import TvmModule
-from torch import fx
 
 __all__ = ["lower_tvm_llvm", "lower_tvm_arm", "TvmModule", "Artifact", "load_manifest", "verify_artifact"]
+
+
+def _lower_and_compile(
+    backend: str, frozen: fx.GraphModule, opts: TvmOptions, target_dict: dict[str, Any]
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Lower ``frozen`` to Relax for the target, compile it, and describe the result in a manifest."""
+    target = make_target(target_dict, opts.target)
+    lowered = lower_graph(frozen, opts, target)
+    build = compile_module(lowered.mod, target)
+    return lowered, build, build_manifest(backend, lowered, build, target, opts)
 
 
 @register_backend("tvm-llvm")
 def lower_tvm_llvm(frozen: fx.GraphModule, **options: Any) -> TvmModule:
     """Compile for this machine's CPU; returns a callable module with ``.manifest`` and ``.report()``."""
-    opts = TvmOptions.parse("tvm-llvm", options)
-    target = make_target(host_target_dict(), opts.target)
-    lowered = lower_graph(frozen, opts, target)
-    build = compile_module(lowered.mod, target)
-    manifest = build_manifest("tvm-llvm", lowered, build, target, opts)
+    lowered, build, manifest = _lower_and_compile(
+        "tvm-llvm", frozen, TvmOptions.parse("tvm-llvm", options), host_target_dict()
+    )
     manifest["build_seconds"] = round(build.seconds, 3)
     return TvmModule(build.executable, manifest, lowered.inputs, lowered.outputs, lowered.output_is_tuple,
                      lowered.accumulators)
@@ -40,8 +49,5 @@ def lower_tvm_llvm(frozen: fx.GraphModule, **options: Any) -> TvmModule:
 def lower_tvm_arm(frozen: fx.GraphModule, **options: Any) -> Artifact:
     """Cross-compile for aarch64 + NEON and write ``output_dir`` (model.so, manifest.json, run_model.py)."""
     opts = ArmOptions.parse("tvm-arm", options)
-    target = make_target(arm_target_dict(), opts.target)
-    lowered = lower_graph(frozen, opts, target)
-    build = compile_module(lowered.mod, target)
-    manifest = build_manifest("tvm-arm", lowered, build, target, opts)
+    _, build, manifest = _lower_and_compile("tvm-arm", frozen, opts, arm_target_dict())
     return export_artifact(build.executable, manifest, opts.output_dir, force=opts.force)

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import tvm
-from fxquant.backends.tvm.build import ARM_TRIPLE
-from fxquant.backends.tvm.manifest import manifest_json, report, sha256_file
 from tvm.support import cc
 
+from fxquant.backends.tvm.build import ARM_TRIPLE
+from fxquant.backends.tvm.manifest import manifest_json, report, sha256_file
 from fxquant.errors import BackendError
 
 __all__ = ["Artifact", "export_artifact", "load_manifest", "verify_artifact", "cross_compiler_name", "ARTIFACT_FILES"]

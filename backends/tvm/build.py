@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import tvm
-from fxquant.backends.tvm.schedule_rules import CpuGeneric, unscheduled_functions
 from tvm import relax
 from tvm.s_tir import dlight
 from tvm.target.codegen import llvm_cpu_has_features, llvm_get_system_cpu, llvm_get_system_triple
 
+from fxquant.backends.tvm.schedule_rules import CpuGeneric, unscheduled_functions
 from fxquant.errors import BackendError, ConfigError
 
 __all__ = ["BuildResult", "host_target_dict", "arm_target_dict", "make_target", "compile_module", "ARM_TRIPLE"]

@@ -8,10 +8,10 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 import tvm
-from fxquant.backends.tvm.options import TvmOptions
 from torch import fx, nn
 from tvm import relax, tirx
 
+from fxquant.backends.tvm.options import TvmOptions
 from fxquant.errors import BackendError
 
 __all__ = ["Converter", "LayerRecord", "LoweringContext", "node_label"]

@@ -13,8 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry
 from tvm import s_tir, te, tirx
+
+from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry
 
 __all__ = ["DirectKernel", "direct_conv2d", "direct_dense", "OC_BLOCK"]
 

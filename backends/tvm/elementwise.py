@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from fxquant.backends.tvm.context import Converter, LoweringContext
-from fxquant.backends.tvm.integer_ops import fence
 from torch import fx, nn
 from tvm import relax, te, tirx
+
+from fxquant.backends.tvm.context import Converter, LoweringContext
+from fxquant.backends.tvm.integer_ops import fence
 
 __all__ = ["MODULE_CONVERTERS", "FUNCTION_CONVERTERS", "METHOD_CONVERTERS"]
 

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from fxquant.backends.tvm.artifact import verify_artifact
 
+from fxquant.backends.tvm.artifact import verify_artifact
 from fxquant.errors import BackendError, InputError
 
 __all__ = ["run_under_qemu", "emulation_available", "emulation_missing", "cache_dir", "QEMU"]

@@ -7,13 +7,17 @@ with the reference to float32 rounding rather than bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
+from torch import fx, nn
+from tvm import relax
+
 from fxquant.backends.tvm.context import Converter, LayerRecord, LoweringContext
 from fxquant.backends.tvm.direct import DirectKernel, direct_conv2d, direct_dense
 from fxquant.backends.tvm.geometry import DenseGeometry, conv_geometry
-from torch import fx, nn
-from tvm import relax
 
 __all__ = ["MODULE_CONVERTERS"]
 
@@ -31,6 +35,20 @@ def _with_bias(ctx: LoweringContext, out: relax.Expr, bias: torch.Tensor | None,
     return ctx.bb.emit(relax.op.add(out, relax.const(bias.detach().float().reshape(shape).numpy())))
 
 
+def _direct_float(
+    ctx: LoweringContext, node: fx.Node, module: nn.Module, x: relax.Expr, geom: Any,
+    make: Callable[..., DirectKernel], name: str, rank: int,
+) -> relax.Expr:
+    """One float32 direct kernel per geometry (shared between layers), weights packed once, bias added after."""
+    key = ("direct-float", geom)
+    kernel: DirectKernel = ctx.cached(key, lambda: make(geom, "float32", "float32", "float32"))
+    gv = ctx.add_kernel(kernel.func, name, key)
+    weight = kernel.pack(module.weight.detach().float().numpy())
+    out = ctx.bb.emit(relax.call_tir(gv, [x, relax.const(weight)], relax.TensorType(geom.output_shape, "float32")))
+    _record(ctx, node, module, kernel.layout, geom.macs)
+    return _with_bias(ctx, out, module.bias, rank)
+
+
 def _conv(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
     module = ctx.module(node)
     assert isinstance(module, nn.Conv2d)
@@ -39,13 +57,7 @@ def _conv(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
         ctx.shape(x), tuple(module.weight.shape), module.stride, module.padding, module.dilation, module.groups,
         str(node.target),
     )
-    key = ("direct-float", geom)
-    kernel: DirectKernel = ctx.cached(key, lambda: direct_conv2d(geom, "float32", "float32", "float32"))
-    gv = ctx.add_kernel(kernel.func, "direct_float_conv2d", key)
-    weight = kernel.pack(module.weight.detach().float().numpy())
-    out = ctx.bb.emit(relax.call_tir(gv, [x, relax.const(weight)], relax.TensorType(geom.output_shape, "float32")))
-    _record(ctx, node, module, kernel.layout, geom.macs)
-    return _with_bias(ctx, out, module.bias, 4)
+    return _direct_float(ctx, node, module, x, geom, direct_conv2d, "direct_float_conv2d", rank=4)
 
 
 def _linear(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
@@ -56,13 +68,7 @@ def _linear(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
     if len(shape) != 2:
         raise NotImplementedError(f"linear on a rank-{len(shape)} input")
     geom = DenseGeometry(shape[0], shape[1], module.out_features)
-    key = ("direct-float", geom)
-    kernel: DirectKernel = ctx.cached(key, lambda: direct_dense(geom, "float32", "float32", "float32"))
-    gv = ctx.add_kernel(kernel.func, "direct_float_dense", key)
-    weight = kernel.pack(module.weight.detach().float().numpy())
-    out = ctx.bb.emit(relax.call_tir(gv, [x, relax.const(weight)], relax.TensorType(geom.output_shape, "float32")))
-    _record(ctx, node, module, kernel.layout, geom.macs)
-    return _with_bias(ctx, out, module.bias, 2)
+    return _direct_float(ctx, node, module, x, geom, direct_dense, "direct_float_dense", rank=2)
 
 
 def _batch_norm(ctx: LoweringContext, node: fx.Node) -> relax.Expr:

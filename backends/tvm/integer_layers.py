@@ -13,14 +13,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import fx, nn
+from tvm import relax
+
 from fxquant.backends.tvm import integer_ops
 from fxquant.backends.tvm.context import Converter, LayerRecord, LoweringContext
 from fxquant.backends.tvm.direct import direct_conv2d, direct_dense
 from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry, conv_geometry
 from fxquant.backends.tvm.selection import KernelChoice, select_kernel, weight_storage_dtype
-from torch import fx, nn
-from tvm import relax
-
 from fxquant.errors import BackendError
 from fxquant.integer import IntegerConv2d, IntegerLayer, IntegerLinear
 

@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 import tvm
+from torch import fx, nn
+from tvm import relax
+
 from fxquant.backends.tvm import elementwise, float_layers, integer_layers, structure
 from fxquant.backends.tvm.context import Converter, LayerRecord, LoweringContext, node_label
 from fxquant.backends.tvm.options import TvmOptions
 from fxquant.backends.tvm.selection import bitserial_module
-from torch import fx, nn
-from tvm import relax
-
 from fxquant.errors import BackendError, UnsupportedOpError
 
 __all__ = [

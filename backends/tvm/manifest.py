@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import tvm
+
+import fxquant
 from fxquant.backends.tvm.build import BuildResult
 from fxquant.backends.tvm.lower import LoweredGraph
 from fxquant.backends.tvm.options import TvmOptions
-
-import fxquant
 
 __all__ = ["FORMAT", "build_manifest", "manifest_json", "report", "sha256_file"]
 

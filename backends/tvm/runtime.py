@@ -7,11 +7,11 @@ from typing import Any
 import numpy as np
 import torch
 import tvm
-from fxquant.backends.tvm.lower import TensorSpec
-from fxquant.backends.tvm.manifest import report
 from torch import nn
 from tvm import relax
 
+from fxquant.backends.tvm.lower import TensorSpec
+from fxquant.backends.tvm.manifest import report
 from fxquant.errors import BackendError, InputError
 
 __all__ = ["TvmModule", "check_inputs"]

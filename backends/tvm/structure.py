@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from fxquant.backends.tvm.context import Converter, LoweringContext
 from torch import fx, nn
 from tvm import relax
+
+from fxquant.backends.tvm.context import Converter, LoweringContext
 
 __all__ = ["MODULE_CONVERTERS", "FUNCTION_CONVERTERS", "METHOD_CONVERTERS", "NAMED_CONVERTERS"]
 

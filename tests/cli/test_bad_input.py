@@ -236,13 +236,6 @@ def test_budget_that_cannot_be_met(workdir: Path, capsys) -> None:
     failed_report(Path("plan.json.report.json"), "BudgetError")
 
 
-def test_search_without_the_sdq_search_says_it_is_not_available(workdir: Path, capsys, monkeypatch) -> None:
-    monkeypatch.delattr(fxquant, "search")
-    code, err = run(capsys, "search", "--model", SPEC.target, "--budget", "avg_weight_bits=3", "-o", "plan.json")
-    assert (code, err) == (1, "fxquant search: error: the SDQ search is not available in this installation "
-                              "(fxquant.search/fxquant.Budget)")
-
-
 class CumsumNet(nn.Module):
     """A conv, then an op the TVM backends do not lower (cumsum), then a linear head."""
 

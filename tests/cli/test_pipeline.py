@@ -156,3 +156,21 @@ def test_same_inputs_give_identical_checkpoints_and_reports(run_dir: Path, tmp_p
     assert without_timings(tmp_path / "prepared.ckpt.report.json") == without_timings(
         run_dir / "prepared.ckpt.report.json"
     )
+
+
+def test_search_writes_a_plan_within_budget_that_prepare_applies(tmp_path: Path) -> None:
+    ok(fxquant(tmp_path, "search", "--model", MODEL, "--budget", "avg_weight_bits=3", "--train-subset", "64",
+               "--batch-size", "16", "--steps", "6", "--no-progress", "-o", "plan.json"))
+    plan = report(tmp_path / "plan.json")
+    run = report(tmp_path / "plan.json.report.json")
+    assert run["exit_status"] == 0 and run["metrics"]["achieved"] <= 3.0
+    assert run["metrics"]["bits"] == plan["bits"]
+    weight_bits = {name: wa[0] for name, wa in plan["bits"].items()}
+    assert weight_bits["conv1"] == 8 and weight_bits["fc"] == 8  # first/last layers stay at 8 by default
+    assert min(weight_bits.values()) < 8  # the budget forced the inner layers down
+    (tmp_path / "quant.yaml").write_text(CONFIG)
+    ok(fxquant(tmp_path, "prepare", "--model", MODEL, "--config", "quant.yaml", "--plan", "plan.json",
+               "--calibration-batch", "8", "-o", "planned.ckpt"))
+    ok(fxquant(tmp_path, "inspect", "planned.ckpt", "--json", "layers.json"))
+    layers = {row["name"]: row for row in report(tmp_path / "layers.json")["layers"]}
+    assert {name: row["weight_bits"] for name, row in layers.items()} == weight_bits

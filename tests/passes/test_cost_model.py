@@ -2,6 +2,11 @@ import itertools
 
 import pytest
 import torch
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+import fxquant
+from fxquant.errors import ConfigError
 from fxquant.passes.cost_model import (
     COST_META,
     avg_weight_bits,
@@ -13,11 +18,6 @@ from fxquant.passes.cost_model import (
 )
 from fxquant.passes.fold_bn import fuse_bn_for_qat
 from fxquant.passes.trace import trace
-from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
-
-import fxquant
-from fxquant.errors import ConfigError
 from tests.conftest import calibrate_bn
 
 

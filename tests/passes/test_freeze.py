@@ -29,7 +29,8 @@ def _numpy_conv_int(codes: np.ndarray, weight: np.ndarray, stride, padding, grou
         g = oc // per_group
         for i in range(oh):
             for j in range(ow):
-                window = padded[:, g * cg:(g + 1) * cg, i * stride[0]:i * stride[0] + kh, j * stride[1]:j * stride[1] + kw]
+                top, left = i * stride[0], j * stride[1]
+                window = padded[:, g * cg:(g + 1) * cg, top:top + kh, left:left + kw]
                 out[:, oc, i, j] = (window.astype(np.int64) * weight[oc].astype(np.int64)).sum(axis=(1, 2, 3))
     return out
 

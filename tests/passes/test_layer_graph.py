@@ -1,10 +1,10 @@
 import torch
 import torch.nn.functional as F
-from fxquant.passes.layer_graph import TIES_META, TiePolicy, layer_graph, tie_groups
-from fxquant.passes.trace import trace
 from torch import nn
 
 import fxquant
+from fxquant.passes.layer_graph import TIES_META, TiePolicy, layer_graph, tie_groups
+from fxquant.passes.trace import trace
 from tests.conftest import calibrate_bn
 
 

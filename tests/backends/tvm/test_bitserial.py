@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from tvm.target.codegen import llvm_cpu_has_features, llvm_get_system_cpu
+
 from fxquant.backends.tvm.emulate import emulation_available, emulation_missing, qemu_python_command
 from fxquant.backends.tvm.kernels import bitserial_supported, conv2d_primfunc, dense_primfunc, pack_weights
 from fxquant.backends.tvm.kernels.bitserial import select_isa
 from fxquant.backends.tvm.kernels.layout import WORD_BITS, padded_words
-from tvm.target.codegen import llvm_cpu_has_features, llvm_get_system_cpu
-
 from fxquant.integer import IntegerConv2d, IntegerLinear
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": llvm_get_system_cpu()})

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fxquant.backends.tvm.selection import bitserial_module
 
 import fxquant
+from fxquant.backends.tvm.selection import bitserial_module
 from tests.backends.tvm.helpers import ResidualNet, assert_matches_reference, quantized
 
 

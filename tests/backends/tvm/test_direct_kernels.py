@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import tvm
+
 from fxquant.backends.tvm.build import host_target_dict, make_target
 from fxquant.backends.tvm.direct import direct_conv2d, direct_dense
 from fxquant.backends.tvm.geometry import DenseGeometry, conv_geometry

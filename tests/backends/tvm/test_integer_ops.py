@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from tvm import te
+from tvm.s_tir import dlight
+
 from fxquant.backends.tvm import integer_ops
 from fxquant.backends.tvm.build import host_target_dict, make_target
 from fxquant.backends.tvm.integer_layers import padded_thresholds
 from fxquant.backends.tvm.schedule_rules import CpuGeneric
-from tvm import te
-from tvm.s_tir import dlight
-
 from fxquant.quantizers.grid import threshold_codes, uniform_codes
 
 TARGET = make_target(host_target_dict(), None)

@@ -7,11 +7,11 @@ from collections.abc import Callable
 import pytest
 import torch
 import torchvision
-from fxquant.backends.tvm.selection import bitserial_module
-from fxquant.passes.freeze import integer_layers
 from torch import nn
 
 import fxquant
+from fxquant.backends.tvm.selection import bitserial_module
+from fxquant.passes.freeze import integer_layers
 from tests.backends.tvm.helpers import ResidualNet, assert_matches_reference, quantized
 
 KERNELS = {"bitserial", "int8", "int32", "float"}

@@ -8,13 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
+
+import fxquant
 from fxquant.backends.tvm import selection
 from fxquant.backends.tvm.lower import STAGE, unsupported_nodes
 from fxquant.backends.tvm.selection import BITSERIAL_MODULE, bitserial_module, select_kernel
 from fxquant.passes.freeze import integer_layers
-from torch import nn
-
-import fxquant
 from tests.backends.tvm.helpers import ResidualNet, assert_matches_reference, quantized
 
 
