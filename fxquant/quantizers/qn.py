@@ -22,8 +22,9 @@ Target sets (ours where noted, following ALGORITHMS.md §2):
   (in ``βx`` units), so the thresholds in weight units are ``b_i/β_c``: one sorted row per channel.
 - Activations: ``{0, …, 2^k−1}``: unit steps, ``o = 0``, the unsigned grid with step ``α``; thresholds
   ``b_i/β`` are non-uniform and exposed in ``grid().thresholds``, so codes come from comparisons. Our design
-  for inputs whose first batch has negative values: the same unit steps with ``o = (2^k−1)/2`` (a grid
-  symmetric about zero, ``low = −α·o``).
+  for inputs whose first batch has negative values: the same unit steps with an offset ``o`` fitted together
+  with ``α`` by least squares to that batch (``low = −α·o``); with ``alpha_init="inverse_beta"``,
+  ``o = (2^k−1)/2``, a grid symmetric about zero.
 
 Initialisation (first weights or batch): ``β = (5/4)·q_max/max|W|`` for weights (per channel when
 configured) and ``β = q_max / max(x)`` for activations after dropping values beyond mean + 3σ (the haoyz
@@ -190,6 +191,7 @@ class QNQuantizer(Quantizer):
         self.register_buffer("biases", torch.arange(n, dtype=torch.float32) + 0.5)
         self.register_buffer("temperature", torch.tensor(min(t0, cap)))
         self.register_buffer("signed", torch.tensor(False))
+        self.register_buffer("signed_offset", torch.tensor(self.steps / 2.0))
 
     # -- target set -----------------------------------------------------------------------------------------
 
@@ -205,10 +207,10 @@ class QNQuantizer(Quantizer):
 
     @property
     def offset(self) -> float:
-        """``o``: ``2^B − 1`` for weights, 0 for activations (``(2^k − 1)/2`` for signed ones: our design)."""
+        """``o``: ``2^B − 1`` for weights, 0 for activations; fitted to the data for signed ones (our design)."""
         if self.role == "weight":
             return float(self.steps)
-        return self.steps / 2.0 if bool(self.signed) else 0.0
+        return float(self.signed_offset) if bool(self.signed) else 0.0
 
     @property
     def q_max(self) -> float:
@@ -254,8 +256,27 @@ class QNQuantizer(Quantizer):
         self.log_beta.copy_(beta.log().reshape(self.log_beta.shape))
         self.log_alpha.copy_((-beta.log()).reshape(self.log_alpha.shape))
         self.biases.copy_(kmeans_thresholds(scaled, self.steps + 1))
+        self.signed_offset.fill_(self.steps / 2.0)
         if self.options["alpha_init"] == "least_squares":
-            self.log_alpha.copy_(self.least_squares_alpha(x).log().reshape(self.log_alpha.shape))
+            if self.role == "activation" and bool(self.signed):
+                self.fit_signed_levels(x)
+            else:
+                self.log_alpha.copy_(self.least_squares_alpha(x).log().reshape(self.log_alpha.shape))
+
+    def fit_signed_levels(self, x: torch.Tensor) -> None:
+        """Least-squares ``x ≈ α·(c − o)`` over both ``α`` and ``o`` for signed activations.
+
+        A zero-centred target set ``{−n/2, …, n/2}`` maps skewed inputs (a normalised image: mostly
+        background near −0.8, strokes up to +2) to levels far from their k-means clusters; fitting the
+        offset puts the lowest level at the background and keeps ``α`` the step between levels.
+        """
+        c, v = self.codes(x).reshape(-1).double(), x.reshape(-1).double()
+        var = ((c - c.mean()) ** 2).mean()
+        slope = ((c - c.mean()) * (v - v.mean())).mean() / var if float(var) > 0 else v.new_zeros(())
+        if float(slope) <= 0:
+            return  # degenerate batch: keep alpha = 1/beta and the zero-centred offset
+        self.log_alpha.copy_(slope.log().float().reshape(self.log_alpha.shape))
+        self.signed_offset.fill_(float(c.mean() - v.mean() / slope))
 
     def least_squares_alpha(self, x: torch.Tensor) -> torch.Tensor:
         """``α = Σ x·q / Σ q²`` (per channel for per-channel weights), ``q = s·c − o`` the unit staircase of ``x``.

@@ -171,13 +171,26 @@ def test_activation_levels_and_thresholds(bits):
     assert torch.equal(codes, manual)
 
 
-def test_signed_activations_use_a_zero_centred_target_set():
-    q = QNQuantizer(2, "activation")
+def test_signed_activations_fit_their_offset():
+    q = QNQuantizer(2, "activation", options={"alpha_init": "inverse_beta"})
     q(torch.randn(500))
-    assert bool(q.signed) and q.offset == 1.5
-    grid = q.grid()
-    levels = grid.dequantize(torch.arange(4.0)) / q.alpha.detach()
+    assert bool(q.signed) and q.offset == 1.5  # the original's scale: a zero-centred target set
+    levels = q.grid().dequantize(torch.arange(4.0)) / q.alpha.detach()
     torch.testing.assert_close(levels, torch.tensor([-1.5, -0.5, 0.5, 1.5]))
+    # by default offset and scale are the least-squares fit: skewed data keeps its lowest level near its floor
+    torch.manual_seed(0)
+    x = torch.where(torch.rand(4000) < 0.7, torch.full((4000,), -0.8), torch.rand(4000) * 2.8 - 0.8)
+    q = QNQuantizer(4, "activation")
+    q(x)
+    grid, codes = q.grid(), q.codes(x)
+    fit = grid.low + grid.step * codes
+    centred = q.alpha.detach() * (codes - 7.5)
+    assert abs(float(grid.low) + 0.8) < 0.1, float(grid.low)
+    assert float(((fit - x) ** 2).mean()) < float(((centred - x) ** 2).mean())
+    design = torch.stack([codes, torch.ones_like(codes)], 1).double()
+    slope, intercept = torch.linalg.lstsq(design, x.double().unsqueeze(1)).solution.flatten()
+    torch.testing.assert_close(grid.step.double(), slope, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grid.low.double(), intercept, rtol=1e-4, atol=1e-5)
 
 
 def _brute_force_kmeans(values: list[float], k: int, iters: int = 100) -> list[int]:
