@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from fxquant.config import MAX_BITS, MIN_BITS
+from fxquant.config import MAX_BITS, MIN_BITS, reject_unknown_fields
 from fxquant.errors import ConfigError
 
 __all__ = ["Budget", "METRICS"]
@@ -90,8 +90,5 @@ class Budget:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Budget:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown Budget key(s) {unknown}; allowed: {', '.join(sorted(known))}")
+        reject_unknown_fields(cls, data, "unknown Budget key(s)")
         return cls(**dict(data))

@@ -9,6 +9,15 @@ from typing import Any, Literal
 
 from fxquant.errors import ConfigError
 
+
+def reject_unknown_fields(cls: type, data: Mapping[str, Any], message: str) -> None:
+    """Raise ``ConfigError("<message> [keys]; allowed: ...")`` for keys of ``data`` that are not fields of
+    the dataclass ``cls``: every config-like ``from_dict``/``parse`` names what it does accept."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{message} {unknown}; allowed: {', '.join(sorted(known))}")
+
 __all__ = ["LayerOverride", "QuantConfig", "LayerQuantSpec", "MIN_BITS", "MAX_BITS", "BN_MODES"]
 
 MIN_BITS = 1
@@ -135,10 +144,7 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantConfig:
         """Build a config from plain data (a parsed YAML/TOML/JSON file); unknown keys are errors."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {unknown}; allowed: {', '.join(sorted(known))}")
+        reject_unknown_fields(cls, data, "unknown config key(s)")
         kwargs = dict(data)
         if "overrides" in kwargs:
             override_keys = {f.name for f in fields(LayerOverride)}

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fxquant.config import reject_unknown_fields
 from fxquant.errors import ConfigError
 
 __all__ = ["TvmOptions", "ArmOptions", "DEFAULT_BITSERIAL_MAX_BITS"]
@@ -52,10 +53,7 @@ class TvmOptions:
     @classmethod
     def parse(cls, backend: str, options: Mapping[str, Any]) -> TvmOptions:
         """Build from ``convert()`` keyword options; an unknown key names the allowed ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(f"backend {backend!r}: unknown option(s) {unknown}; allowed: {', '.join(sorted(known))}")
+        reject_unknown_fields(cls, options, f"backend {backend!r}: unknown option(s)")
         return cls(**options)
 
 
