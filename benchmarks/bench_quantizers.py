@@ -48,7 +48,12 @@ from fxquant.train import evaluate, train_epoch
 
 __all__ = ["BenchSettings", "QUICK", "run", "main"]
 
-SCHEMES = ("ste", "dsq", "lsq", "qn", "lcq")
+#: row name -> (quantizer, quantizer_options); "qn-kmeans" is QN with the original's non-uniform k-means levels
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ste": ("ste", {}), "dsq": ("dsq", {}), "lsq": ("lsq", {}), "qn": ("qn", {}),
+    "qn-kmeans": ("qn", {"levels": "kmeans"}), "lcq": ("lcq", {}),
+}
+SCHEMES = tuple(METHODS)
 
 
 @dataclass(frozen=True)
@@ -173,7 +178,9 @@ def run(s: BenchSettings, out_dir: Path, progress: bool) -> dict[str, Any]:
     for scheme in s.schemes:
         for bits in s.bits:
             torch.manual_seed(s.seed)
-            config = fxquant.QuantConfig(quantizer=scheme, weight_bits=bits, act_bits=bits)
+            quantizer, options = METHODS[scheme]
+            config = fxquant.QuantConfig(quantizer=quantizer, weight_bits=bits, act_bits=bits,
+                                         quantizer_options=options)
             qmodel = fxquant.prepare(pretrained, (example,), config)
             init_acc = evaluate(qmodel, test)
             seconds = _train(qmodel, train, s, s.epochs, s.lr, f"{scheme} W{bits}A{bits}", progress,

@@ -2,41 +2,42 @@
 
 The quantizer is a sum of unit steps, relaxed to sigmoids of temperature ``T`` in training::
 
-    training:  y = α·( Σ_i s_i·σ(T·(βx − b_i)) − o )        inference:  y = α·( Σ_i s_i·A(βx − b_i) − o )
+    training:  y = α·( Σ_i s_i·σ(T·(βx − b_i)) + q_0 )        inference:  y = α·( Σ_i s_i·A(βx − b_i) + q_0 )
 
-with fixed step heights ``s_i`` (the gaps of the target set), offset ``o``, fixed biases ``b_i`` and learned
-scales ``α`` (output) and ``β`` (input). ``α`` and ``β`` are learned through their logarithms (our design:
-their natural sizes differ by orders of magnitude between layers and bit-widths, e.g. ``α ≈ 10⁻³`` for an
-8-bit weight, so a shared optimizer takes relative steps; the original trains them with a separate optimizer
-at 0.1× the learning rate plus gradient-norm clipping). As in the original code the sigmoid argument is clamped to
-``[−10, 10]``; its backward is ``T·s_i·σ(1−σ)`` evaluated at the clamped argument (the clamp passes the
-gradient, as in the original's hand-written backward), and the ``α``/``β`` gradients follow by the chain
-rule (``∂y/∂α = y/α``, ``∂y/∂β = α·x·Σ T s_i σ(1−σ)``). ``T`` rises linearly with training progress
+over a target set ``q_0 < q_1 < … < q_n`` (in "unit" coordinates) with step heights ``s_i = q_i − q_{i−1}``
+(the paper's offset is ``o = −q_0``), fixed biases ``b_i`` and learned scales ``α`` (output) and ``β``
+(input). The hard output of code ``c`` is ``α·q_c``. ``α`` and ``β`` are learned through their logarithms
+(our design: their natural sizes differ by orders of magnitude between layers and bit-widths, e.g.
+``α ≈ 10⁻³`` for an 8-bit weight, so a shared optimizer takes relative steps; the original trains them with a
+separate optimizer at 0.1× the learning rate plus gradient-norm clipping). As in the original code the
+sigmoid argument is clamped to ``[−10, 10]``; its backward is ``T·s_i·σ(1−σ)`` evaluated at the clamped
+argument (the clamp passes the gradient, as in the original's hand-written backward), and the ``α``/``β``
+gradients follow by the chain rule. ``T`` rises linearly with training progress
 (:meth:`QNQuantizer.update_schedule`), capped as in the original (2000).
 
-Target sets (ours where noted, following ALGORITHMS.md §2):
+Target sets and biases (option ``levels``; ALGORITHMS.md §2):
 
-- Weights: the odd integers ``{±1, ±3, …, ±(2^B−1)}``: ``n = 2^B−1`` steps of height 2, ``o = 2^B−1``. The
-  hard output ``α·(2c − n)`` is the ``"bipolar"`` grid with scale ``α`` (bit-serial deployable); 1 bit is
-  ``±α``. Per-channel configs learn one ``α`` and ``β`` per output channel and share the biases ``b_i``
-  (in ``βx`` units), so the thresholds in weight units are ``b_i/β_c``: one sorted row per channel.
-- Activations: ``{0, …, 2^k−1}``: unit steps, ``o = 0``, the unsigned grid with step ``α``; thresholds
-  ``b_i/β`` are non-uniform and exposed in ``grid().thresholds``, so codes come from comparisons. Our design
-  for inputs whose first batch has negative values: the same unit steps with an offset ``o`` fitted together
-  with ``α`` by least squares to that batch (``low = −α·o``); with ``alpha_init="inverse_beta"``,
-  ``o = (2^k−1)/2``, a grid symmetric about zero.
+- ``"uniform"`` (default, bit-serial deployable): weights take the odd integers ``q_c = 2c − n``
+  (``n = 2^B − 1``: the ``"bipolar"`` grid with scale ``α``, ``±α`` at 1 bit), activations ``q_c = c + q_0``
+  (the ``"unsigned"`` grid with step ``α``; ``q_0 = 0`` after a ReLU, fitted for inputs with negative
+  values). The biases are the midpoints of adjacent targets and ``β = 1/α`` at initialisation, with ``α``
+  (and ``q_0``) from the clip range that minimises the squared error on the first tensor — the
+  reconstruction-optimal thresholds for those fixed uniform targets (our design: the original's k-means
+  thresholds with uniform targets move weights far from their clusters, e.g. a trained ResNet-8 at W4 drops
+  from 76 % to 17 % before training, against 66 % with midpoint thresholds). Training then learns ``α`` and
+  ``β`` apart, so the thresholds ``b_i/β`` and the levels ``α·q_c`` move independently.
+- ``"kmeans"`` (the original's clustering, non-uniform): ``β = (5/4)·q_max/max|W|`` for weights (per channel
+  when configured), ``β = q_max/max(x)`` for activations after dropping values beyond mean + 3σ (the haoyz
+  fork's recipe; option ``outlier_sigmas``), then 1-D k-means with ``2^B`` clusters on the sorted ``βx``
+  (deterministic Lloyd iterations from evenly spaced centres, where the original calls sklearn): each
+  ``b_i`` is the midpoint between the adjacent samples where the cluster label changes, the targets are the
+  cluster centres, and ``α = 1/β`` as in the original — so thresholds and levels are the consistent
+  Lloyd–Max pair of the data. Levels are non-uniform: the grid is a ``"codebook"`` deployed as a lookup
+  table, like LCQ's.
 
-Initialisation (first weights or batch): ``β = (5/4)·q_max/max|W|`` for weights (per channel when
-configured) and ``β = q_max / max(x)`` for activations after dropping values beyond mean + 3σ (the haoyz
-fork's recipe; the original supplies activation biases offline). The original then sets ``α = 1/β``
-(option ``alpha_init="inverse_beta"``); by default we set ``α`` to the least-squares fit of ``x`` by the initial
-staircase (our design: ``1/β`` assumes the k-means centres sit on the target values, and can scale a layer's
-output by 0.3-3x; the original trains batch norms after every layer, which absorb that, but with batch norm
-folded into the weights the eval-time scale has to be right from the start). The biases come from 1-D
-k-means with ``|Q|`` clusters on the sorted ``βx`` (ours: deterministic Lloyd iterations from evenly spaced
-centres, where the original calls sklearn): each ``b_i`` is the midpoint between the adjacent samples where
-the cluster label changes. Codes count thresholds reached (``x ≥ b_i/β``: ties go up, where the original's
-``x − b > 0`` sends them down).
+Per-channel configs learn one ``α`` and ``β`` per output channel and share ``b_i`` and ``q_c`` (in ``βx``
+units), so the thresholds in weight units are ``b_i/β_c``: one sorted row per channel. Codes count thresholds
+reached (``x ≥ b_i/β``: ties go up, where the original's ``x − b > 0`` sends them down).
 """
 
 from __future__ import annotations
@@ -48,46 +49,137 @@ import torch
 from torch import nn
 
 from fxquant.errors import ConfigError
-from fxquant.quantizers.base import Quantizer, Role
-from fxquant.quantizers.grid import QuantGrid
+from fxquant.quantizers.base import Quantizer, Role, search_clip_range
+from fxquant.quantizers.grid import QuantGrid, requantize_levels
 from fxquant.quantizers.registry import register_quantizer
 
-__all__ = ["QNQuantizer", "qn_soft", "qn_hard", "kmeans_1d", "kmeans_thresholds"]
+__all__ = ["QNQuantizer", "qn_soft", "qn_hard", "kmeans_1d", "kmeans_thresholds", "LEVEL_CHOICES"]
 
 CLAMP = 10.0
+LEVEL_CHOICES = ("uniform", "kmeans")
 _CHUNK_ELEMENTS = 1 << 22  # sigmoids evaluated together: bounds the memory of 8-bit (255-step) quantizers
 
 
 class _QNSoft(torch.autograd.Function):
-    """``Σ_i s·σ(clamp(T·(z − b_i)))`` of ``z = βx`` with the original code's backward (see module docstring).
+    """``Σ_i s_i·σ(clamp(T·(z − b_i)))`` of ``z = βx`` with the original code's backward (module docstring).
 
-    Evaluated in chunks of thresholds without saving one tensor per sigmoid, so an 8-bit quantizer (255
-    sigmoids per element) costs memory proportional to the input only.
+    Only the thresholds within ``10/T`` of ``z`` need a sigmoid: the others sit on the clamp, so they add
+    the constant ``σ(±10)`` (and ``σ(10)·σ(−10)`` to the slope) and are summed through prefix sums of the
+    heights. Each element evaluates a window of the few sorted thresholds around it, which makes an 8-bit
+    quantizer (255 steps) about as cheap as a 2-bit one once ``T`` has grown. With ``evenly_spaced``
+    (equal gaps and heights: the uniform target sets) the window is found arithmetically rather than by
+    search and gather, and its sigmoids are kept for the backward.
     """
 
     @staticmethod
-    def forward(ctx: Any, z: torch.Tensor, biases: torch.Tensor, height: float, temperature: torch.Tensor) -> Any:
-        ctx.save_for_backward(z, biases, temperature)
-        ctx.height = height
-        return _QNSoft.sigmoids(z, biases, temperature, slope=False) * height
+    def forward(
+        ctx: Any,
+        z: torch.Tensor,
+        biases: torch.Tensor,
+        heights: torch.Tensor,
+        temperature: torch.Tensor,
+        evenly_spaced: bool,
+    ) -> Any:
+        n = biases.numel()
+        reach = CLAMP / float(temperature)  # beyond this distance from z a threshold's sigmoid is clamped
+        width = _window_width(biases, 2.0 * reach)
+        ctx.even = evenly_spaced and width < n
+        if ctx.even:
+            value, sigmoids = _QNSoft.even_window(z, biases, heights, temperature, width, reach)
+            ctx.save_for_backward(*sigmoids)
+            top = float(_sigmoid_clamp(z))
+            ctx.outside = (n - width) * top * (1.0 - top)
+            ctx.gain = float(heights[0]) * float(temperature)
+            return value
+        ctx.save_for_backward(z, biases, heights, temperature)
+        return _QNSoft.sigmoids(z, biases, heights, temperature, slope=False)
 
     @staticmethod
-    def sigmoids(z: torch.Tensor, biases: torch.Tensor, temperature: torch.Tensor, slope: bool) -> torch.Tensor:
-        """``Σ_i σ(c_i)`` or ``Σ_i σ(c_i)(1 − σ(c_i))`` with ``c_i = clamp(T·z − T·b_i, ±10)``; thresholds lead."""
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        if ctx.even:
+            slope = torch.full_like(grad, ctx.outside)
+            for sig in ctx.saved_tensors:
+                slope += sig * (1.0 - sig)
+            return grad * slope * ctx.gain, None, None, None, None
+        z, biases, heights, temperature = ctx.saved_tensors
+        slope = _QNSoft.sigmoids(z, biases, heights, temperature, slope=True)
+        return grad * slope * temperature, None, None, None, None
+
+    @staticmethod
+    def sigmoids(
+        z: torch.Tensor, biases: torch.Tensor, heights: torch.Tensor, temperature: torch.Tensor, slope: bool
+    ) -> torch.Tensor:
+        """``Σ_i s_i·σ(c_i)`` or ``Σ_i s_i·σ(c_i)(1 − σ(c_i))`` with ``c_i = clamp(T·z − T·b_i, ±10)``."""
+        n = biases.numel()
+        reach = CLAMP / float(temperature)
+        width = _window_width(biases, 2.0 * reach)
+        if width >= n:
+            return _QNSoft.all_sigmoids(z, biases, heights, temperature, slope)
+        zc = z.contiguous()
+        first = torch.searchsorted(biases, zc - reach, right=True).clamp_(max=n - width)  # first unclamped
+        index = first.unsqueeze(0) + torch.arange(width, device=z.device).reshape(-1, *([1] * z.dim()))
+        sig = torch.sigmoid(torch.clamp(temperature * zc - temperature * biases[index], -CLAMP, CLAMP))
+        total = ((sig * (1.0 - sig) if slope else sig) * heights[index]).sum(0)
+        cum = torch.cat([heights.new_zeros(1), torch.cumsum(heights, 0)])
+        below, above = cum[first], cum[-1] - cum[first + width]  # thresholds passed / not reached
+        top = _sigmoid_clamp(z)
+        if slope:
+            return total + (below + above) * (top * (1.0 - top))
+        return total + below * top + above * (1.0 - top)
+
+    @staticmethod
+    def even_window(
+        z: torch.Tensor,
+        biases: torch.Tensor,
+        heights: torch.Tensor,
+        temperature: torch.Tensor,
+        width: int,
+        reach: float,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The windowed sum for ``b_j = b_0 + j·g`` and equal heights ``s``, and the window's sigmoids."""
+        n = biases.numel()
+        b0, gap, height = float(biases[0]), float(biases[1] - biases[0]), float(heights[0])
+        position = (z - b0) / gap  # z in threshold units: b_j sits at j
+        first = torch.floor(position - reach / gap).add_(1.0).clamp_(0.0, float(n - width))
+        scaled = (position - first).mul_(temperature * gap)  # T·(z − b_first)
+        total, sigmoids = torch.zeros_like(z), []
+        for k in range(width):
+            shifted = scaled if k == 0 else scaled - temperature * (k * gap)
+            sig = torch.sigmoid(shifted.clamp(-CLAMP, CLAMP))
+            total += sig
+            sigmoids.append(sig)
+        top = float(_sigmoid_clamp(z))
+        # the `first` thresholds before the window are passed (σ(10)), the rest not reached (σ(−10))
+        total += first.mul_(2.0 * top - 1.0).add_((n - width) * (1.0 - top))
+        return total.mul_(height), sigmoids
+
+    @staticmethod
+    def all_sigmoids(
+        z: torch.Tensor, biases: torch.Tensor, heights: torch.Tensor, temperature: torch.Tensor, slope: bool
+    ) -> torch.Tensor:
+        """Every threshold, in chunks that bound the memory (low temperatures, where every sigmoid is live)."""
+        lead = [-1] + [1] * z.dim()
         tz = (temperature * z).unsqueeze(0)
-        tb = (temperature * biases).reshape(-1, *([1] * z.dim()))
+        tb = (temperature * biases).reshape(lead)
+        s = heights.reshape(lead)
         total = torch.zeros_like(z)
         chunk = max(1, _CHUNK_ELEMENTS // max(z.numel(), 1))
         for start in range(0, biases.numel(), chunk):
             sig = torch.sigmoid(torch.clamp(tz - tb[start : start + chunk], -CLAMP, CLAMP))
-            total = total + (sig * (1.0 - sig) if slope else sig).sum(0)
+            total = total + ((sig * (1.0 - sig) if slope else sig) * s[start : start + chunk]).sum(0)
         return total
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        z, biases, temperature = ctx.saved_tensors
-        slope = _QNSoft.sigmoids(z, biases, temperature, slope=True)
-        return grad * slope * (ctx.height * temperature), None, None, None
+
+
+def _sigmoid_clamp(like: torch.Tensor) -> torch.Tensor:
+    """``σ(10)`` in the dtype of ``like``: the value of every threshold that ``z`` has passed by far."""
+    return torch.sigmoid(torch.tensor(CLAMP, dtype=like.dtype, device=like.device))
+
+
+def _window_width(biases: torch.Tensor, length: float) -> int:
+    """The most sorted thresholds that an open interval of ``length`` can hold, plus one for rounding."""
+    ends = torch.searchsorted(biases, biases + length, right=False)
+    return int((ends - torch.arange(biases.numel(), device=biases.device)).max()) + 1
 
 
 def qn_soft(
@@ -96,21 +188,26 @@ def qn_soft(
     beta: torch.Tensor,
     biases: torch.Tensor,
     temperature: torch.Tensor | float,
-    height: float,
-    offset: float,
+    targets: torch.Tensor,
+    evenly_spaced: bool = False,
 ) -> torch.Tensor:
-    """The training function ``α·(Σ_i s·σ(clamp(T(βx − b_i), ±10)) − o)`` with equal step heights ``s``."""
+    """The training function ``α·(Σ_i s_i·σ(clamp(T(βx − b_i), ±10)) + q_0)``, ``s_i`` the gaps of ``targets``.
+
+    ``evenly_spaced`` promises equal gaps between the biases and equal heights (a faster evaluation)."""
     t = torch.as_tensor(temperature, dtype=x.dtype, device=x.device)
-    return alpha * (_QNSoft.apply(beta * x, biases.to(x.dtype), float(height), t) - offset)
+    targets = targets.to(x.dtype)
+    heights = targets[1:] - targets[:-1]
+    return alpha * (_QNSoft.apply(beta * x, biases.to(x.dtype), heights, t, evenly_spaced) + targets[0])
 
 
 def qn_hard(
-    x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, biases: torch.Tensor, height: float, offset: float
+    x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, biases: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
-    """The inference function ``α·(Σ_i s·A(βx − b_i) − o)`` with the unit step ``A(z) = [z ≥ 0]``."""
+    """The inference function ``α·(Σ_i s_i·A(βx − b_i) + q_0)`` with the unit step ``A(z) = [z ≥ 0]``."""
     z = beta * x
-    steps = (z.unsqueeze(-1) >= biases.to(x.dtype)).to(x.dtype).sum(-1)
-    return alpha * (steps * height - offset)
+    targets = targets.to(x.dtype)
+    reached = (z.unsqueeze(-1) >= biases.to(x.dtype)).to(x.dtype)
+    return alpha * ((reached * (targets[1:] - targets[:-1])).sum(-1) + targets[0])
 
 
 def kmeans_1d(values: torch.Tensor, k: int, iters: int = 100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -139,10 +236,11 @@ def kmeans_1d(values: torch.Tensor, k: int, iters: int = 100) -> tuple[torch.Ten
     return xs, assign(centres), centres
 
 
-def kmeans_thresholds(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k − 1`` sorted thresholds of the original ``tools/cluster.py``: the midpoint of the two adjacent
-    sorted samples where the k-means label changes. Where one of the two clusters is empty (our addition)
-    the midpoint of the two centres is used instead, so that every code keeps a reachable interval."""
+def kmeans_thresholds(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(thresholds, centres)``: the ``k − 1`` sorted thresholds of the original ``tools/cluster.py`` (the
+    midpoint of the two adjacent sorted samples where the k-means label changes) and the ``k`` centres.
+    Where one of the two clusters is empty (our addition) the midpoint of the two centres is used instead,
+    so that every code keeps a reachable interval."""
     xs, ends, centres = kmeans_1d(values, k)
     starts = torch.cat([torch.tensor([0]), ends[:-1]])
     counts = ends - starts
@@ -154,19 +252,19 @@ def kmeans_thresholds(values: torch.Tensor, k: int) -> torch.Tensor:
         else:
             out.append(float((centres[j] + centres[j + 1]) * 0.5))
     th = torch.tensor(out, dtype=torch.float64)
-    return torch.cummax(th, 0).values.float()
+    return torch.cummax(th, 0).values.float(), centres.float()
 
 
 @register_quantizer("qn")
 class QNQuantizer(Quantizer):
-    """Quantization Networks: learned ``α``, ``β``; fixed k-means biases; temperature schedule."""
+    """Quantization Networks: learned ``α``, ``β``; fixed biases and targets; temperature schedule."""
 
     OPTIONS = {
         "temperature_start": 10.0,
         "temperature_end": 500.0,
         "temperature_cap": 2000.0,
+        "levels": "uniform",
         "outlier_sigmas": 3.0,
-        "alpha_init": "least_squares",
     }
 
     def __init__(
@@ -174,10 +272,9 @@ class QNQuantizer(Quantizer):
     ) -> None:
         super().__init__(bits, role, channels, options)
         t0, t1, cap = (float(self.options[k]) for k in ("temperature_start", "temperature_end", "temperature_cap"))
-        if self.options["alpha_init"] not in ("least_squares", "inverse_beta"):
+        if self.options["levels"] not in LEVEL_CHOICES:
             raise ConfigError(
-                f"quantizer_options alpha_init={self.options['alpha_init']!r} is invalid; allowed: least_squares, "
-                "inverse_beta"
+                f"quantizer_options levels={self.options['levels']!r} is invalid; allowed: {', '.join(LEVEL_CHOICES)}"
             )
         if not (0 < t0 and 0 < t1 and 0 < cap):
             raise ConfigError(
@@ -187,34 +284,27 @@ class QNQuantizer(Quantizer):
         shape = (self.num_params,) if (role == "weight" and channels) else ()
         self.log_alpha = nn.Parameter(torch.zeros(shape))
         self.log_beta = nn.Parameter(torch.zeros(shape))
-        n = 2**self.bits - 1
-        self.register_buffer("biases", torch.arange(n, dtype=torch.float32) + 0.5)
+        targets = self.uniform_targets(0.0)
+        self.register_buffer("targets", targets)
+        self.register_buffer("biases", (targets[1:] + targets[:-1]) * 0.5)
         self.register_buffer("temperature", torch.tensor(min(t0, cap)))
-        self.register_buffer("signed", torch.tensor(False))
-        self.register_buffer("signed_offset", torch.tensor(self.steps / 2.0))
+        self.register_buffer("signed", torch.tensor(role == "weight"))
 
     # -- target set -----------------------------------------------------------------------------------------
 
     @property
     def steps(self) -> int:
-        """``n``: the number of unit steps (|Q| − 1)."""
+        """``n``: the number of steps (``2^B − 1``)."""
         return 2**self.bits - 1
 
     @property
-    def height(self) -> float:
-        """``s_i``: 2 for the odd-integer weight set, 1 for activations."""
-        return 2.0 if self.role == "weight" else 1.0
+    def uniform(self) -> bool:
+        return self.options["levels"] == "uniform"
 
-    @property
-    def offset(self) -> float:
-        """``o``: ``2^B − 1`` for weights, 0 for activations; fitted to the data for signed ones (our design)."""
-        if self.role == "weight":
-            return float(self.steps)
-        return float(self.signed_offset) if bool(self.signed) else 0.0
-
-    @property
-    def q_max(self) -> float:
-        return float(self.steps) if self.role == "weight" or not bool(self.signed) else self.steps / 2.0
+    def uniform_targets(self, low: float) -> torch.Tensor:
+        """Weights: the odd integers ``2c − n``; activations: ``c + low`` (``low`` the lowest target)."""
+        c = torch.arange(self.steps + 1, dtype=torch.float32)
+        return 2.0 * c - self.steps if self.role == "weight" else c + low
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -228,70 +318,61 @@ class QNQuantizer(Quantizer):
 
     def grid(self) -> QuantGrid:
         alpha, beta = self.alpha.detach(), self.beta.detach()
-        thresholds = self.biases.unsqueeze(0) / beta.unsqueeze(-1) if beta.dim() else self.biases / beta
+        per_channel = beta.dim() > 0
+        thresholds = self.biases.unsqueeze(0) / beta.unsqueeze(-1) if per_channel else self.biases / beta
+        if not self.uniform:
+            levels = alpha.unsqueeze(-1) * self.targets if per_channel else alpha * self.targets
+            levels_int, int_scale = requantize_levels(levels)
+            return QuantGrid(self.bits, "codebook", int_scale, torch.zeros_like(int_scale), levels, thresholds,
+                             levels_int=levels_int)
         if self.role == "weight":
             return QuantGrid(self.bits, "bipolar", alpha, torch.zeros_like(alpha), thresholds=thresholds)
-        return QuantGrid(self.bits, "unsigned", alpha, -alpha * self.offset, thresholds=thresholds)
+        return QuantGrid(self.bits, "unsigned", alpha, alpha * self.targets[0], thresholds=thresholds)
 
     # -- data and schedule ----------------------------------------------------------------------------------
 
     def initialize(self, x: torch.Tensor) -> None:
         x = x.float()
+        if self.role == "activation":
+            self.signed.fill_(bool(x.min() < 0))
+        if self.uniform:
+            self.fit_uniform(x)
+        else:
+            self.fit_kmeans(x)
+
+    def fit_uniform(self, x: torch.Tensor) -> None:
+        """Targets on the uniform grid of the squared-error-optimal clip range; biases at their midpoints."""
+        weight = self.role == "weight"
+        low, high = search_clip_range(x, self.bits, signed=weight, per_channel=weight and bool(self.channels))
+        alpha = high / self.steps if weight else (high - low) / self.steps
+        alpha = alpha.clamp_min(1e-8)
+        targets = self.uniform_targets(0.0 if weight else float(low / alpha))
+        self.targets.copy_(targets)
+        self.biases.copy_((targets[1:] + targets[:-1]) * 0.5)
+        self.log_alpha.copy_(alpha.log().reshape(self.log_alpha.shape))
+        self.log_beta.copy_((-alpha.log()).reshape(self.log_beta.shape))
+
+    def fit_kmeans(self, x: torch.Tensor) -> None:
+        """The original's initialisation: ``β`` from the peak, k-means biases and centres on ``βx``, ``α = 1/β``."""
         if self.role == "weight":
-            per_channel = bool(self.channels)
-            peak = x.abs().reshape(x.shape[0], -1).amax(dim=1) if per_channel else x.abs().amax()
-            beta = 1.25 * self.q_max / peak.clamp_min(1e-8)
+            peak = x.abs().reshape(x.shape[0], -1).amax(dim=1) if self.channels else x.abs().amax()
+            beta = 1.25 * self.steps / peak.clamp_min(1e-8)
             scaled = x * self.view(beta, x)
         else:
-            self.signed.fill_(bool(x.min() < 0))
             flat = x.reshape(-1)
             sig = float(self.options["outlier_sigmas"])
-            if sig > 0:
-                mean, std = flat.mean(), flat.std() if flat.numel() > 1 else flat.new_zeros(())
-                keep = (flat - mean).abs() <= sig * std
+            if sig > 0 and flat.numel() > 1:
+                keep = (flat - flat.mean()).abs() <= sig * flat.std()
                 flat = flat[keep] if bool(keep.any()) else flat
-            peak = flat.abs().amax() if bool(self.signed) else flat.amax()
-            beta = self.q_max / peak.clamp_min(1e-8)
+            signed = bool(self.signed)
+            q_max = self.steps / 2.0 if signed else float(self.steps)
+            beta = q_max / (flat.abs().amax() if signed else flat.amax()).clamp_min(1e-8)
             scaled = flat * beta
+        thresholds, centres = kmeans_thresholds(scaled, self.steps + 1)
+        self.biases.copy_(thresholds)
+        self.targets.copy_(centres)
         self.log_beta.copy_(beta.log().reshape(self.log_beta.shape))
         self.log_alpha.copy_((-beta.log()).reshape(self.log_alpha.shape))
-        self.biases.copy_(kmeans_thresholds(scaled, self.steps + 1))
-        self.signed_offset.fill_(self.steps / 2.0)
-        if self.options["alpha_init"] == "least_squares":
-            if self.role == "activation" and bool(self.signed):
-                self.fit_signed_levels(x)
-            else:
-                self.log_alpha.copy_(self.least_squares_alpha(x).log().reshape(self.log_alpha.shape))
-
-    def fit_signed_levels(self, x: torch.Tensor) -> None:
-        """Least-squares ``x ≈ α·(c − o)`` over both ``α`` and ``o`` for signed activations.
-
-        A zero-centred target set ``{−n/2, …, n/2}`` maps skewed inputs (a normalised image: mostly
-        background near −0.8, strokes up to +2) to levels far from their k-means clusters; fitting the
-        offset puts the lowest level at the background and keeps ``α`` the step between levels.
-        """
-        c, v = self.codes(x).reshape(-1).double(), x.reshape(-1).double()
-        var = ((c - c.mean()) ** 2).mean()
-        slope = ((c - c.mean()) * (v - v.mean())).mean() / var if float(var) > 0 else v.new_zeros(())
-        if float(slope) <= 0:
-            return  # degenerate batch: keep alpha = 1/beta and the zero-centred offset
-        self.log_alpha.copy_(slope.log().float().reshape(self.log_alpha.shape))
-        self.signed_offset.fill_(float(c.mean() - v.mean() / slope))
-
-    def least_squares_alpha(self, x: torch.Tensor) -> torch.Tensor:
-        """``α = Σ x·q / Σ q²`` (per channel for per-channel weights), ``q = s·c − o`` the unit staircase of ``x``.
-
-        The output scale that best fits ``x`` with the current biases and ``β`` (falls back to ``1/β`` where the
-        staircase is all zero).
-        """
-        q = self.codes(x) * self.height - self.offset
-        rows = self.role == "weight" and bool(self.channels)
-        lead = x.shape[0] if rows else 1
-        xr, qr = x.reshape(lead, -1), q.reshape(lead, -1)
-        num, den = (xr * qr).sum(dim=1), (qr * qr).sum(dim=1)
-        fallback = 1.0 / self.beta.detach().reshape(-1).expand_as(num)
-        alpha = torch.where((den > 0) & (num > 0), num / den.clamp_min(1e-12), fallback)
-        return alpha if rows else alpha.reshape(())
 
     def update_schedule(self, progress: float) -> None:
         """``T = min(cap, T_start + (T_end − T_start)·progress)``: the linear growth of the original code."""
@@ -302,7 +383,8 @@ class QNQuantizer(Quantizer):
 
     def soft_forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha, beta = self.view(self.alpha, x), self.view(self.beta, x)
-        return qn_soft(x, alpha, beta, self.biases, self.temperature, self.height, self.offset)
+        evenly_spaced = self.uniform and self.steps > 1  # biases at the midpoints of uniform targets
+        return qn_soft(x, alpha, beta, self.biases, self.temperature, self.targets, evenly_spaced)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, T={float(self.temperature):g}"
+        return f"{super().extra_repr()}, levels={self.options['levels']}, T={float(self.temperature):g}"
