@@ -334,7 +334,7 @@ def test_update_schedules_reaches_every_qn_quantizer(tiny_net):
     q = fxquant.prepare(tiny_net, (torch.randn(2, 3, 12, 12),), fxquant.QuantConfig(quantizer="qn"))
     fxquant.update_schedules(q, 0.5)
     temps = {float(m.temperature) for m in fxquant.quantizers_of(q).values()}
-    assert temps == {10.0 + (500.0 - 10.0) * 0.5}
+    assert temps == {1.0 + (20.0 - 1.0) * 0.5}
 
 
 @pytest.mark.parametrize("bits", [2, 4])
