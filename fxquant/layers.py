@@ -42,6 +42,50 @@ def _apply(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.
     return F.linear(x, weight, bias)
 
 
+class _UnscaledLayer(torch.autograd.Function):
+    """``layer(x, w) / f`` with ``f`` per output channel: the QAT conv (or linear) with its output unscaled.
+
+    The forward is the layer followed by the division, done in place on its fresh output. The backward
+    never forms ``grad / f`` over the feature map: the layer is linear in its weight, so the input gradient
+    is the transposed layer applied to ``grad`` with weight ``w / f``, the weight gradient is ``G / f`` with
+    ``G`` the weight gradient for ``grad``, and ``∂/∂f = −Σ grad·y/f² = −⟨G, w⟩/f²`` per channel (because
+    ``Σ grad·y = ⟨G, w⟩``). Only weight-sized tensors are added to the layer's own backward, where
+    autograd's division costs five passes over the feature map and a temporary the size of it.
+    ``conv`` is ``(stride, padding, dilation, groups)``, or ``None`` for a linear layer.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, factor: torch.Tensor, conv: tuple | None) -> torch.Tensor:
+        y = F.linear(x, weight) if conv is None else F.conv2d(x, weight, None, *conv)
+        y.div_(factor.reshape([1, -1] + [1] * (y.dim() - 2)))
+        ctx.save_for_backward(x, weight, factor)
+        ctx.conv = conv
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, factor = ctx.saved_tensors
+        need_x, need_w, need_f = ctx.needs_input_grad[:3]
+        per_channel = factor.reshape([-1] + [1] * (weight.dim() - 1))
+        grad_x = grad_w = grad_f = g_weight = None
+        if ctx.conv is None:
+            if need_x:
+                grad_x = grad.matmul(weight / per_channel)
+            if need_w or need_f:
+                g_weight = grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+        elif need_x or need_w or need_f:
+            stride, padding, dilation, groups = ctx.conv
+            grad_x, g_weight, _ = torch.ops.aten.convolution_backward(
+                grad, x, weight / per_channel if need_x else weight, None, list(stride), list(padding),
+                list(dilation), False, [0] * len(stride), groups, [need_x, need_w or need_f, False],
+            )
+        if need_w:
+            grad_w = g_weight / per_channel
+        if need_f:
+            grad_f = -(g_weight * weight).sum(list(range(1, weight.dim()))) / (factor * factor)
+        return grad_x, grad_w, grad_f, None
+
+
 class FusedBn(nn.Module):
     """``bn(layer(x))`` kept as one module so that later passes treat the pair as one layer."""
 
@@ -109,9 +153,15 @@ class QuantLayer(nn.Module):
         running_std = torch.sqrt(bn.running_var + bn.eps)
         factor = bn.weight / running_std if bn.affine else 1.0 / running_std
         shape = [-1] + [1] * (self.layer.weight.dim() - 1)
-        y = _apply(self.layer, x, self.weight_quant(self.layer.weight * factor.reshape(shape)), None)
+        weight = self.weight_quant(self.layer.weight * factor.reshape(shape))
+        layer = self.layer
+        if isinstance(layer, nn.Conv2d) and isinstance(layer.padding, str):  # no explicit padding to hand back
+            y = _apply(layer, x, weight, None)
+            y = y / factor.reshape([1, -1] + [1] * (y.dim() - 2))
+        else:
+            conv = (layer.stride, layer.padding, layer.dilation, layer.groups) if isinstance(layer, nn.Conv2d) else None
+            y = _UnscaledLayer.apply(x, weight, factor, conv)
         out_shape = [1, -1] + [1] * (y.dim() - 2)
-        y = y / factor.reshape(out_shape)
         if self.layer.bias is not None:
             y = y + self.layer.bias.reshape(out_shape)
         return bn(y)

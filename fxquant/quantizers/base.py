@@ -18,9 +18,54 @@ from torch import nn
 from fxquant.errors import ConfigError
 from fxquant.quantizers.grid import QuantGrid, channel_view, uniform_codes
 
-__all__ = ["Quantizer", "Role", "search_clip_range"]
+__all__ = [
+    "Quantizer", "Role", "search_clip_range", "elementwise_blocks", "split_blocks", "block_scratch", "BLOCK_ELEMENTS",
+]
 
 Role = Literal["weight", "activation"]
+
+#: elements per block of a fused quantizer pass: its few temporaries (512 KiB each in float32) stay in cache
+BLOCK_ELEMENTS = 1 << 17
+
+
+def elementwise_blocks(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Whether a fused elementwise pass over ``x`` should run block by block (see :func:`split_blocks`).
+
+    A chain of in-place passes over a feature map is bound by memory traffic on CPU; running it block by
+    block keeps the temporaries in cache. Only for large contiguous CPU tensors with per-tensor ``params``
+    (which broadcast the same way in every block), and not while torch.compile traces (it fuses the
+    chain itself, and a loop would be unrolled).
+    """
+    return (
+        x.numel() > BLOCK_ELEMENTS
+        and x.device.type == "cpu"
+        and x.is_contiguous()
+        and all(p.numel() == 1 for p in params)
+        and not torch.compiler.is_compiling()
+    )
+
+
+def split_blocks(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Matching blocks of the flattened ``tensors`` (contiguous, of one size): one tuple of views per block."""
+    return list(zip(*(t.view(-1).split(BLOCK_ELEMENTS) for t in tensors), strict=True))
+
+
+def block_scratch(rows: int, numel: int, like: torch.Tensor, dtype: torch.dtype | None = None):
+    """Scratch for a block-wise pass: ``scratch(size)`` is a ``(rows, size)`` buffer and its rows.
+
+    One buffer serves every block; the views are made once per block size (the last block may be shorter),
+    since each view costs a dispatch like a small op.
+    """
+    buffer = torch.empty((rows, min(numel, BLOCK_ELEMENTS)), dtype=dtype or like.dtype, device=like.device)
+    views: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
+
+    def scratch(size: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        if size not in views:
+            view = buffer[:, :size]
+            views[size] = (view, view.unbind(0))
+        return views[size]
+
+    return scratch
 
 
 class Quantizer(nn.Module):

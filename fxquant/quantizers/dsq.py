@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from fxquant.quantizers.base import Quantizer, search_clip_range
+from fxquant.quantizers.base import Quantizer, block_scratch, elementwise_blocks, search_clip_range, split_blocks
 from fxquant.quantizers.grid import QuantGrid
 from fxquant.quantizers.registry import register_quantizer
 
@@ -43,52 +43,131 @@ def dsq_soft(x: torch.Tensor, low: torch.Tensor, step: torch.Tensor, bits: int, 
     return low + step * (i + (phi + 1.0) / 2.0)
 
 
+def _constants(alpha: torch.Tensor) -> tuple:
+    """``(s, K, dK/dα, 1{α inside its clamp})`` of the clamped α.
+
+    Plain floats in eager CPU mode, where a dozen scalar tensor ops per call would cost more than the
+    small weight tensors' own work; tensors while compiling (no graph break) or on other devices (no sync).
+    """
+    if torch.compiler.is_compiling() or alpha.device.type != "cpu":
+        a = alpha.clamp(ALPHA_MIN, ALPHA_MAX)
+        big_k = torch.log(2.0 / a - 1.0)
+        live = (alpha >= ALPHA_MIN) & (alpha <= ALPHA_MAX)
+    else:
+        raw = float(alpha)
+        a = min(max(raw, ALPHA_MIN), ALPHA_MAX)
+        big_k = math.log(2.0 / a - 1.0)
+        live = float(ALPHA_MIN <= raw <= ALPHA_MAX)
+    return 1.0 / (1.0 - a), big_k, -2.0 / (a * (2.0 - a)), live
+
+
+def _hard(x: torch.Tensor, low: torch.Tensor | None, step: torch.Tensor, n: int, out: torch.Tensor) -> None:
+    """``out = l + Δ·clamp(floor((x − l)/Δ + ½), 0, n)``, the hard quantizer's arithmetic (``low=None``: l = 0)."""
+    t = torch.div(x, step, out=out) if low is None else torch.sub(x, low, out=out).div_(step)
+    t.clamp_(0, n).add_(0.5).floor_().mul_(step)  # clipping before rounding gives the same codes
+    if low is not None:
+        out.add_(low)
+
+
+def _soft_terms(x, grad, low, step, n, two_k, two_s_k, grad_x, tc, frac, sig, mask, z, slope) -> None:
+    """The per-element terms of the backward, in place (``low=None``: l = 0).
+
+    ``tc`` is ``t`` clipped to ``[0, n]``, ``frac = tc − i`` with ``i = floor(tc)``, ``sig = σ(2K r)`` with
+    ``r = frac − ½``, ``z = 2K r``, ``slope = grad·σ(1 − σ)`` and ``grad_x = grad·∂Q/∂x``; ``mask`` is
+    scratch. At ``tc = n`` this takes ``i = n, r = −½`` where the paper's intervals give ``i = n − 1,
+    r = ½``: every derivative is continuous there (``sτ = ±1`` at both ends), so the gradient is the same
+    and ``i`` needs no clamp.
+    """
+    t = torch.div(x, step, out=frac) if low is None else torch.sub(x, low, out=frac).div_(step)
+    torch.clamp(t, 0, n, out=tc)
+    # the closed range as a float mask (a comparison written into a float tensor: bool masks are slow on CPU)
+    torch.eq(t, tc, out=mask)
+    torch.frac(tc, out=frac)
+    torch.sub(frac, 0.5, out=z).mul_(two_k)  # 2K·r
+    torch.sigmoid(z, out=sig)
+    torch.ops.aten.sigmoid_backward.grad_input(grad, sig, grad_input=slope)
+    torch.mul(slope, mask, out=grad_x).mul_(two_s_k)  # ∂Q/∂x = (sK/2)(1 − τ²) = 2sK·σ(1 − σ) inside
+
+
 class _DSQStraightThrough(torch.autograd.Function):
     """Forward: the hard staircase. Backward: the exact derivative of ``dsq_soft`` (Eq. 3-5, 10).
 
     With ``t = (x − l)/Δ`` clamped to ``[0, n]``, ``r = t − i − ½``, ``K = kΔ = ln(2/α − 1)`` and
     ``τ = tanh(K r)``: ∂Q/∂x = (sK/2)(1 − τ²) inside the range; ∂Q/∂l = 1 − ∂Q/∂x;
-    ∂Q/∂Δ = i + (sτ + 1)/2 − t·∂Q/∂x; ∂Q/∂α = (Δ/2)(s²τ + s(1 − τ²) r dK/dα). One fused pass instead of
-    a dozen autograd nodes per tensor makes the soft quantizer cheap enough for CPU training.
+    ∂Q/∂Δ = i + (sτ + 1)/2 − t·∂Q/∂x; ∂Q/∂α = (Δ/2)(s²τ + s(1 − τ²) r dK/dα).
+
+    The activation quantizer runs on every feature map, so on CPU its elementwise passes cost as much as
+    the convolutions of a small net. The forward computes only the hard value and saves ``x`` (which the
+    preceding layer keeps anyway); the backward recomputes the soft terms block by block, so that they
+    stay in cache, and reduces them with dot products: no feature-map-sized tensor is kept for it. ``τ``
+    goes through ``σ = sigmoid(2K r)`` (``τ = 2σ − 1``, ``1 − τ² = 4σ(1 − σ)``), several times cheaper
+    than ``tanh`` on CPU. ``low_is_zero`` (unsigned activations) skips subtracting and adding ``l = 0``,
+    which changes no bit.
     """
 
     @staticmethod
-    def forward(ctx, x, low, step, alpha, bits: int):
+    def forward(ctx, x, low, step, alpha, bits: int, low_is_zero: bool = False):
         n = 2**bits - 1
-        t = (x - low) / step
-        tc = t.clamp(0, n)
-        a = alpha.clamp(ALPHA_MIN, ALPHA_MAX)
-        big_k = torch.log(2.0 / a - 1.0)
-        i = torch.floor(tc).clamp_(max=n - 1)
-        tau = torch.tanh(big_k * (tc - i - 0.5))
-        ctx.save_for_backward(t, tau, low, step, alpha)
-        ctx.bits = bits
-        return low + step * torch.floor(t + 0.5).clamp_(0, n)
+        out = torch.empty_like(x)
+        zero = None if low_is_zero else low
+        if elementwise_blocks(x, low, step):
+            for xb, outb in split_blocks(x, out):
+                _hard(xb, zero, step, n, outb)
+        else:
+            _hard(x, zero, step, n, out)
+        ctx.save_for_backward(x, low, step, alpha)
+        ctx.bits, ctx.low_is_zero = bits, low_is_zero
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        t, tau, low, step, alpha = ctx.saved_tensors
+        x, low, step, alpha = ctx.saved_tensors
         n = 2**ctx.bits - 1
-        a = alpha.clamp(ALPHA_MIN, ALPHA_MAX)
-        s = 1.0 / (1.0 - a)
-        big_k = torch.log(2.0 / a - 1.0)
-        inside = (t >= 0) & (t <= n)
-        tc = t.clamp(0, n)
-        i = torch.floor(tc).clamp_(max=n - 1)
-        sech2 = 1.0 - tau * tau
-        dq_dx = torch.where(inside, (s * big_k / 2.0) * sech2, torch.zeros_like(sech2))
-        grad_x = grad * dq_dx
-        grad_low = (grad - grad_x).sum_to_size(low.shape) if low.requires_grad else None
-        grad_step = None
-        if step.requires_grad:
-            grad_step = (grad * (i + (s * tau + 1.0) / 2.0 - tc * dq_dx)).sum_to_size(step.shape)
-        grad_alpha = None
-        if alpha.requires_grad:
-            dk = -2.0 / (a * (2.0 - a))
-            inner = step * (s * s * tau + s * sech2 * (tc - i - 0.5) * dk) / 2.0
-            grad_alpha = (grad * inner).sum().reshape(alpha.shape)
-            grad_alpha = grad_alpha * ((alpha >= ALPHA_MIN) & (alpha <= ALPHA_MAX))
-        return grad_x, grad_low, grad_step, grad_alpha, None
+        zero = None if ctx.low_is_zero else low
+        s, big_k, dk, alpha_live = _constants(alpha)
+        grad = grad.contiguous()
+        grad_x = torch.empty_like(x)
+        if not (x.is_contiguous() and elementwise_blocks(grad, low, step)):
+            # weights (per channel), small tensors, compiled graphs: a few whole-tensor passes
+            terms = torch.empty((6, *x.shape), dtype=x.dtype, device=x.device)
+            tc, frac, sig, mask, z, slope = terms.unbind(0)
+            _soft_terms(x, grad, zero, step, n, 2.0 * big_k, 2.0 * s * big_k, grad_x, tc, frac, sig, mask, z, slope)
+            torch.mul(grad_x, tc, out=mask)
+            z.mul_(slope)
+            terms[:3].mul_(grad)
+            slope.copy_(grad)
+            # rows: g·tc, g·frac, g·σ, g_x·tc, g·σ(1 − σ)·2K r, g
+            sums = terms.sum_to_size((6, *[1] * (x.dim() - step.dim()), *step.shape)).reshape(6, *step.shape)
+            sum_tc, sum_frac, sum_sig, sum_gx_tc, sum_slope_z, sum_g = sums.unbind(0)
+            sum_gx = grad_x.sum_to_size(low.shape)
+        else:  # per-tensor grid, eager: blocks that stay in cache
+            pieces = split_blocks(x, grad, grad_x)
+            scratch = block_scratch(6, x.numel(), x)
+            # per block: Σ g·tc, Σ g·frac, Σ g·σ (one product) and Σ g, Σ g_x·tc, Σ g_x, Σ g·σ(1 − σ)·2K r
+            three = torch.empty((len(pieces), 3), dtype=x.dtype, device=x.device)
+            four = torch.empty((4, len(pieces)), dtype=x.dtype, device=x.device)
+            three_out, four_out = three.unbind(0), [row.unbind(0) for row in four]
+            consts = (2.0 * big_k, 2.0 * s * big_k)
+            for j, (xb, gb, gxb) in enumerate(pieces):
+                rows, (tc, frac, sig, mask, z, slope) = scratch(xb.numel())
+                _soft_terms(xb, gb, zero, step, n, *consts, gxb, tc, frac, sig, mask, z, slope)
+                torch.mv(rows[:3], gb, out=three_out[j])
+                # plain sums for Σ g and Σ g_x (more accurate than BLAS products): l's gradient is their difference
+                torch.sum(gb, 0, out=four_out[0][j])
+                torch.dot(gxb, tc, out=four_out[1][j])
+                torch.sum(gxb, 0, out=four_out[2][j])
+                torch.dot(slope, z, out=four_out[3][j])
+            sum_tc, sum_frac, sum_sig = three.sum(0).unbind(0)
+            sum_g, sum_gx_tc, sum_gx, sum_slope_z = four.sum(1).unbind(0)
+        grad_low = grad_step = grad_alpha = None
+        if ctx.needs_input_grad[1]:  # Σ g·(1 − ∂Q/∂x)
+            grad_low = sum_g.sum_to_size(low.shape) - sum_gx
+        if ctx.needs_input_grad[2]:  # Σ g·(i + (sτ + 1)/2 − t·∂Q/∂x), i = tc − frac, sτ = s(2σ − 1)
+            grad_step = sum_tc - sum_frac + s * sum_sig + (1.0 - s) / 2.0 * sum_g - sum_gx_tc
+        if ctx.needs_input_grad[3]:  # Σ g·Δ(s²σ − s²/2 + s·dK/dα·σ(1 − σ)·2r)
+            inner = s * s * (sum_sig - sum_g / 2.0) + s * dk / big_k * sum_slope_z
+            grad_alpha = (step * inner).sum().reshape(alpha.shape) * alpha_live
+        return grad_x if ctx.needs_input_grad[0] else None, grad_low, grad_step, grad_alpha, None, None
 
 
 @register_quantizer("dsq")
@@ -147,9 +226,19 @@ class DSQQuantizer(Quantizer):
 
     def soft_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Hard value, soft gradient: equal to ``soft + (hard − soft).detach()`` (Algorithm 1), fused."""
-        grid = self.grid()
-        low, step = self.view(grid.low, x), self.view(grid.step, x)
-        return _DSQStraightThrough.apply(x, low, step, self.alpha, self.bits)
+        n = 2**self.bits - 1
+        # l and Δ of grid() with the same arithmetic, minus the steps that change no value (an offset of 0,
+        # a multiplier of 1): each small op here is an autograd node, on every step and quantizer
+        if self.role == "weight":
+            scale = self.upper.abs().clamp_min(1e-8) / n
+            low, step = self.view(scale * -n, x), self.view(scale * 2, x)  # 0 + scale·(−n) is scale·(−n) (< 0)
+            return _DSQStraightThrough.apply(x, low, step, self.alpha, self.bits, False)
+        signed = bool(self.signed)
+        low = self.lower.clamp_max(0.0) if signed else self.lower * 0.0
+        step = (torch.maximum(self.upper, low + 1e-8) - low) / n
+        if signed:  # QuantGrid.low keeps the sign of a zero bound this way; unsigned, the value of l is unused
+            low = low + step * 0
+        return _DSQStraightThrough.apply(x, low, step, self.alpha, self.bits, not signed)
 
     def characteristic(self) -> tuple[float, float]:
         """(α, k·Δ): how far the soft function is from the staircase (α → 0 is hard)."""

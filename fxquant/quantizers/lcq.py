@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from fxquant.errors import ConfigError
-from fxquant.quantizers.base import Quantizer, Role
+from fxquant.quantizers.base import Quantizer, Role, block_scratch, elementwise_blocks, split_blocks
 from fxquant.quantizers.grid import QuantGrid, requantize_levels, threshold_codes
 from fxquant.quantizers.lsq import grad_scale
 from fxquant.quantizers.registry import register_quantizer
@@ -77,17 +77,97 @@ def expand(y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Te
     return (y - beta[k]) / gamma[k] + k.to(y.dtype) / k_count
 
 
-def _take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``table[index]`` for a small 1-D table (``torch.take`` is several times faster than advanced indexing)."""
-    return torch.take(table, index)
+def _level_tables(gamma, beta, s, dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per level ``j``: ``j/s``, its segment ``k_q`` and ``g⁻¹(j/s)`` (with ``g⁻¹(1) = 1`` exactly)."""
+    k = gamma.numel()
+    levels = torch.arange(s + 1, dtype=dtype, device=device) / s
+    kq = torch.clamp(torch.searchsorted(beta.contiguous(), levels, right=True) - 1, 0, k - 1)
+    u_table = (levels - beta[kq]) / gamma[kq] + kq.to(dtype) / k  # g⁻¹(j/s)
+    u_table[-1] = 1.0  # g⁻¹(1) = 1 exactly, so clipped inputs give exactly sgn(x)·α
+    return levels, kq, u_table
+
+
+def _gather(table: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = table[index]`` for a small 1-D table (``index_select`` is several times faster than ``take``)."""
+    torch.index_select(table, 0, index.view(-1), out=out.view(-1))
+    return out
+
+
+def _lcq_levels(x, alpha, gamma, beta, u_table, s, symmetric, u, v, seg, index, code=None) -> None:
+    """``u = g⁻¹(q_b(g(min(|x|/α, 1))))`` in place, with the arithmetic of the original forward.
+
+    ``v``, ``seg`` (float) and ``index`` (int) are scratch. ``code``, if given, receives ``kx·(s + 1) + j``
+    for every element (its segment and level in one small integer), which the backward reuses; ``v`` is
+    then scratch for it. ``gamma`` ``None`` is the uniform quantizer. Unsigned mode clips negative inputs
+    to 0.
+    """
+    torch.abs(x, out=v) if symmetric else torch.clamp_min(x, 0.0, out=v)
+    v.div_(alpha).clamp_(max=1.0)
+    if gamma is None:
+        torch.mul(v, s, out=u).add_(0.5).floor_().div_(s)
+        return
+    k = gamma.numel()
+    index.copy_(torch.mul(v, k, out=seg).floor_().clamp_(0, k - 1))
+    v.sub_(seg.div_(k))  # v − d_kx
+    torch.mul(v, _gather(gamma, index, u), out=u)  # γ_kx·(v − d_kx)
+    if code is not None:
+        torch.mul(index, s + 1, out=v)  # kx·(s + 1), exact in float
+    u.add_(_gather(beta, index, seg)).mul_(s).add_(0.5).floor_().clamp_(0, s)
+    index.copy_(u)  # j = round(s·g(v))
+    if code is not None:
+        code.copy_(v.add_(u))
+    _gather(u_table, index, u)
+
+
+def _lcq_value(x, alpha, gamma, beta, u_table, s, symmetric, out, v, seg, index, code=None) -> None:
+    """``Q(x)`` in place: ``sgn(x)·α·u`` (``α·u`` unsigned; ``sgn(x)·α`` with ``sgn(0) = 1`` for ``s = 0``)."""
+    if s == 0:
+        torch.ge(x, 0, out=out).mul_(2.0).sub_(1.0).mul_(alpha)
+        return
+    _lcq_levels(x, alpha, gamma, beta, u_table, s, symmetric, out, v, seg, index, code)
+    out.mul_(alpha)
+    if symmetric:  # (sgn·α)·u = sgn·(α·u) exactly
+        out.mul_(torch.sign(x, out=v))
+
+
+def _lcq_terms(x, grad, alpha, code, tables, s, symmetric, grad_x, signed, u, w, v, index):
+    """The per-element terms of the backward, in place; returns ``(signed, w)``.
+
+    ``grad_x = grad·1{inside}``; ``signed = sgn(x)·grad`` (``grad`` itself when unsigned); ``u`` such that
+    ``Q/α = sgn(x)·u`` (``u = sgn(x)`` and ``signed = grad`` for ``s = 0``). Companded (``code``: the
+    forward's ``kx·(s + 1) + j``), ``index`` is that code, ``w = sgn(x)·grad·α`` inside the range and 0
+    outside, and ``v = v − d_kx``; otherwise ``w`` is ``None``.
+    """
+    if symmetric:
+        inside = torch.lt(torch.abs(x, out=v), alpha, out=w)
+    else:  # 0 ≤ x < α
+        inside = torch.ge(x, 0, out=w).mul_(torch.lt(x, alpha, out=v))
+    torch.mul(grad, inside, out=grad_x)
+    if s == 0:
+        torch.ge(x, 0, out=u).mul_(2.0).sub_(1.0)
+        return grad, None
+    signed = torch.mul(grad, torch.sign(x, out=signed), out=signed) if symmetric else grad
+    if code is None:
+        _lcq_levels(x, alpha, None, None, None, s, symmetric, u, v, u, index)
+        return signed, None
+    u_by_code, d_by_code = tables  # g⁻¹(j/s) and d_kx, by code
+    torch.abs(x, out=v) if symmetric else torch.clamp_min(x, 0.0, out=v)
+    v.div_(alpha).clamp_(max=1.0).sub_(_gather(d_by_code, index.copy_(code), u))  # v − d_kx, as in the forward
+    _gather(u_by_code, index, u)
+    torch.mul(signed, w, out=w).mul_(alpha)
+    return signed, w
 
 
 class _LCQFunction(torch.autograd.Function):
     """Forward ``Q(x)``; backward the formulas of ALGORITHMS.md §3 for ``x``, ``α``, ``γ`` and ``β``.
 
-    The rounded value ``y_q = j/s`` takes only ``s + 1`` values, so its segment ``k_q``, ``g⁻¹(y_q)`` and the
-    per-level factors of the gradient are tables indexed by ``j``; the compander gradients are scatter-adds
-    over the segment index of ``|x|/α`` plus a per-level sum, instead of autograd through per-element gathers.
+    The rounded value ``y_q = j/s`` takes only ``s + 1`` values and the segment ``kx`` of ``|x|/α`` only
+    ``K``: the forward saves both for every element as one small integer ``kx·(s + 1) + j``, besides ``x``
+    (which the preceding layer keeps anyway). The compander gradients are then two scatter-adds over that
+    code (of ``w = sgn·grad·α`` inside the range and of ``w·(v − d_kx)``), scaled per level by ``1/γ_kq``
+    and summed per segment and per level on the ``K × (s + 1)`` table, instead of autograd through
+    per-element gathers. The backward runs block by block so that its temporaries stay in cache, with float
+    masks (bool tensors are slow on CPU) and ``index_select``/``scatter_add_`` on the small tables.
     """
 
     @staticmethod
@@ -95,58 +175,82 @@ class _LCQFunction(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None,
         s: int, symmetric: bool,
     ) -> torch.Tensor:
-        # sgn(0) does not matter: |x| = 0 gives Q = 0 and no compander gradient
-        sgn = torch.sign(x) if symmetric else None
-        mag = x.abs() if symmetric else x.clamp_min(0.0)
-        inside = (mag < alpha) if symmetric else (x >= 0) & (x < alpha)
-        ctx.companded = gamma is not None and s > 0
-        ctx.symmetric, ctx.s = symmetric, s
-        if s == 0:
-            base = torch.where(x >= 0, 1.0, -1.0).to(x.dtype) * alpha
+        companded = gamma is not None and s > 0
+        if not companded:
+            gamma = beta = None
+        u_table = _level_tables(gamma, beta, s, x.dtype, x.device)[2] if companded else None
+        out = torch.empty_like(x)
+        code = None
+        if companded:
+            combos = gamma.numel() * (s + 1)
+            small = torch.uint8 if combos <= 256 else torch.int16 if combos <= 2**15 else torch.int32
+            code = torch.empty(x.shape, dtype=small, device=x.device)
+        if elementwise_blocks(x, alpha):
+            scratch = block_scratch(2, x.numel(), x)
+            int_scratch = block_scratch(1, x.numel(), x, torch.int32)
+            for xb, outb, *code_b in split_blocks(x, out, *([code] if companded else [])):
+                v, seg = scratch(xb.numel())[1]
+                _lcq_value(xb, alpha, gamma, beta, u_table, s, symmetric, outb, v, seg, int_scratch(xb.numel())[1][0],
+                           code_b[0] if companded else None)
         else:
-            v = torch.clamp(mag / alpha, max=1.0)
-            if ctx.companded:
-                k = gamma.numel()
-                kx = torch.clamp(torch.floor(v * k), 0, k - 1).long()
-                y = _take(gamma, kx) * (v - kx.to(v.dtype) / k) + _take(beta, kx)
-                j = torch.clamp(torch.floor(s * y + 0.5), 0, s).long()
-                levels = torch.arange(s + 1, dtype=x.dtype, device=x.device) / s
-                kq = torch.clamp(torch.searchsorted(beta.contiguous(), levels, right=True) - 1, 0, k - 1)
-                u_table = (levels - beta[kq]) / gamma[kq] + kq.to(x.dtype) / k  # g⁻¹(j/s)
-                u_table[-1] = 1.0  # g⁻¹(1) = 1 exactly, so clipped inputs give exactly sgn(x)·α
-                u = _take(u_table, j)
-            else:
-                u = torch.floor(s * v + 0.5) / s
-            base = alpha * u if sgn is None else sgn * alpha * u
-        if ctx.companded:
-            ctx.save_for_backward(x, alpha, base, inside, gamma, beta, v, kx, j, kq, levels)
-        else:
-            ctx.save_for_backward(x, alpha, base, inside)
-        return base
+            v, seg = torch.empty((2, *x.shape), dtype=x.dtype, device=x.device).unbind(0)
+            index = torch.empty(x.shape, dtype=torch.int32, device=x.device)
+            _lcq_value(x, alpha, gamma, beta, u_table, s, symmetric, out, v, seg, index, code)
+        ctx.companded, ctx.symmetric, ctx.s = companded, symmetric, s
+        ctx.save_for_backward(x, alpha, gamma, beta, code)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        x, alpha, base, inside = ctx.saved_tensors[:4]
-        zero = torch.zeros_like(grad)
-        grad_x = torch.where(inside, grad, zero)  # ∂Q/∂x = 1{|x|<α}
-        grad_alpha = None
-        if ctx.needs_input_grad[1]:  # ∂Q/∂α = Q/α − (x/α)·1{|x|<α}
-            d_alpha = base / alpha - torch.where(inside, x / alpha, zero)
-            grad_alpha = (grad * d_alpha).sum_to_size(alpha.shape)
-        grad_gamma = grad_beta = None
-        if ctx.companded and (ctx.needs_input_grad[2] or ctx.needs_input_grad[3]):
-            gamma, beta, v, kx, j, kq, levels = ctx.saved_tensors[4:]
+        x, alpha, gamma, beta, code = ctx.saved_tensors
+        s, symmetric, companded = ctx.s, ctx.symmetric, ctx.companded
+        tables = None
+        if companded:
             k = gamma.numel()
+            levels, kq, u_table = _level_tables(gamma, beta, s, x.dtype, x.device)
+            segments = torch.arange(k, dtype=x.dtype, device=x.device) / k  # d_k, as kx/K in the forward
+            tables = (u_table.repeat(k), segments.repeat_interleave(s + 1))
+            # per code: Σ w (row 0) and Σ w·(v − d_kx) (row 1)
+            by_code = torch.zeros((2, k * (s + 1)), dtype=x.dtype, device=x.device)
+        grad = grad.contiguous()
+        grad_x = torch.empty_like(x)
+        if not (x.is_contiguous() and elementwise_blocks(grad, alpha)):
+            signed, u, w, v = torch.empty((4, *x.shape), dtype=x.dtype, device=x.device).unbind(0)
+            index = torch.empty(x.shape, dtype=torch.long, device=x.device)
+            pieces = [(x, grad, grad_x, code)]
+        else:
+            pieces = split_blocks(x, grad, grad_x, *([code] if companded else []))
+            scratch = block_scratch(4, x.numel(), x)
+            int_scratch = block_scratch(1, x.numel(), x, torch.long)
+        sums = torch.empty((2, len(pieces)), dtype=x.dtype, device=x.device) if len(pieces) > 1 else None
+        for i, (xb, gb, gxb, *code_b) in enumerate(pieces):
+            if sums is not None:
+                signed, u, w, v = scratch(xb.numel())[1]
+                index = int_scratch(xb.numel())[1][0]
+            signed, w = _lcq_terms(xb, gb, alpha, code_b[0] if companded else None, tables, s, symmetric, gxb,
+                                   signed, u, w, v, index)
+            if sums is None:  # ∂Q/∂α = Q/α − (x/α)·1{inside} = sgn·u − (x/α)·1{inside}
+                sum_u = (signed * u).sum_to_size(alpha.shape)
+                sum_x = (gxb * xb).sum_to_size(alpha.shape)
+            else:
+                torch.dot(signed, u, out=sums[0, i])
+                torch.dot(gxb, xb, out=sums[1, i])
+            if w is not None:
+                flat_index = index.view(-1)
+                by_code[0].scatter_add_(0, flat_index, w.view(-1))
+                by_code[1].scatter_add_(0, flat_index, w.mul_(v).view(-1))
+        if sums is not None:
+            sum_u, sum_x = sums.sum(1).reshape(2, *alpha.shape).unbind(0)
+        grad_alpha = sum_u - sum_x / alpha if ctx.needs_input_grad[1] else None
+        grad_gamma = grad_beta = None
+        if companded and (ctx.needs_input_grad[2] or ctx.needs_input_grad[3]):
             gq = gamma[kq]  # per level j
-            signed_grad = grad * torch.sign(x) if ctx.symmetric else grad
-            w = torch.where(inside, signed_grad * alpha, zero) / _take(gq, j)
-            w_flat, kx_flat = w.reshape(-1), kx.reshape(-1)
-            per_level = torch.zeros_like(levels).index_add_(0, j.reshape(-1), w_flat)  # Σ w over each level j
+            w_table = (by_code / gq.repeat(k)).view(2, k, s + 1)  # the element weights w/γ_kq, summed per code
+            per_level = w_table[0].sum(0)  # Σ w/γ_kq over each level j
             # ∂z/∂γ_k = sgn·α·[(v − d_kx)/γ_kq·1{k=kx} − (y_q − β_kq)/γ_kq²·1{k=kq}]
-            grad_gamma = torch.zeros_like(gamma).index_add_(0, kx_flat, (w * (v - kx.to(w.dtype) / k)).reshape(-1))
-            grad_gamma.index_add_(0, kq, -per_level * (levels - beta[kq]) / gq)
+            grad_gamma = w_table[1].sum(1).index_add_(0, kq, -per_level * (levels - beta[kq]) / gq)
             # ∂z/∂β_k = sgn·α·(1/γ_kq)·(1{k=kx} − 1{k=kq})
-            grad_beta = torch.zeros_like(beta).index_add_(0, kx_flat, w_flat).index_add_(0, kq, -per_level)
+            grad_beta = w_table[0].sum(1).index_add_(0, kq, -per_level)
         return grad_x, grad_alpha, grad_gamma, grad_beta, None, None
 
 

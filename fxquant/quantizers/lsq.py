@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxquant.quantizers.base import Quantizer, Role
+from fxquant.quantizers.base import Quantizer, Role, block_scratch, elementwise_blocks, split_blocks
 from fxquant.quantizers.grid import QuantGrid
 from fxquant.quantizers.registry import register_quantizer
 
@@ -45,15 +45,74 @@ def grad_scale(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     return (x - y).detach() + y
 
 
+def _lsq_hard(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, out: torch.Tensor) -> None:
+    """``out = floor(clip(x/s, −Q_N, Q_P) + ½)·s`` in place: the value of ``((q − v).detach() + v)·s``."""
+    torch.div(x, step, out=out).clamp_(-qn, qp).add_(0.5).floor_().mul_(step)
+
+
+def _lsq_terms(x, grad, step, qn, qp, grad_x, v, d_step) -> None:
+    """``grad_x = grad·1{−Q_N < x/s < Q_P}`` and ``d_step = ∂x̂/∂s`` (Eq. 3), in place; ``v`` is scratch.
+
+    The open range is that of autograd's clamp; ``hardtanh_backward`` masks with it in one pass and
+    without a bool tensor (slow on CPU).
+    """
+    torch.div(x, step, out=v)
+    torch.ops.aten.hardtanh_backward.grad_input(grad, v, -qn, qp, grad_input=grad_x)
+    torch.clamp(v, -qn, qp, out=d_step).add_(0.5).floor_()
+    # round(clip(v)) − v inside the range, the bound outside
+    d_step.sub_(torch.ops.aten.hardtanh_backward.grad_input(v, v, -qn, qp, grad_input=v))
+
+
+class _LSQFunction(torch.autograd.Function):
+    """``round(clip(x/s, −Q_N, Q_P))·s`` with the straight-through gradients of Eq. 3, fused.
+
+    Autograd through the division, clamp and straight-through round makes about a dozen passes over
+    every feature map; this forward makes one chain of in-place passes and saves only ``x`` (which the
+    preceding layer keeps anyway), and the backward recomputes the two per-element terms block by block
+    so that they stay in cache. ``∂x̂/∂x`` is exactly the indicator of the open clip range.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
+        out = torch.empty_like(x)
+        if elementwise_blocks(x, step):
+            for xb, outb in split_blocks(x, out):
+                _lsq_hard(xb, step, qn, qp, outb)
+        else:
+            _lsq_hard(x, step, qn, qp, out)
+        ctx.save_for_backward(x, step)
+        ctx.qn, ctx.qp = qn, qp
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        x, step = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = torch.empty_like(x)
+        if not (x.is_contiguous() and elementwise_blocks(grad, step)):
+            v, d_step = torch.empty((2, *x.shape), dtype=x.dtype, device=x.device).unbind(0)
+            _lsq_terms(x, grad, step, ctx.qn, ctx.qp, grad_x, v, d_step)
+            grad_step = (grad * d_step).sum_to_size(step.shape)
+        else:
+            pieces = split_blocks(x, grad, grad_x)
+            scratch = block_scratch(2, x.numel(), x)
+            partial = torch.empty(len(pieces), dtype=x.dtype, device=x.device)
+            partial_out = partial.unbind(0)
+            for j, (xb, gb, gxb) in enumerate(pieces):
+                v, d_step = scratch(xb.numel())[1]
+                _lsq_terms(xb, gb, step, ctx.qn, ctx.qp, gxb, v, d_step)
+                torch.dot(gb, d_step, out=partial_out[j])
+            grad_step = partial.sum().reshape(step.shape)
+        return grad_x, grad_step if ctx.needs_input_grad[1] else None, None, None
+
+
 def lsq_quantize(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, bipolar: bool = False) -> torch.Tensor:
     """``round(clip(x/s, −Q_N, Q_P))·s`` with a straight-through round (Eq. 1-3); ``bipolar`` gives ``±s``."""
+    if not bipolar:
+        return _LSQFunction.apply(x, step, int(qn), int(qp))
     v = x / step
-    if bipolar:
-        vc = torch.clamp(v, -1.0, 1.0)
-        q = torch.where(vc >= 0, torch.ones_like(vc), -torch.ones_like(vc))
-    else:
-        vc = torch.clamp(v, -qn, qp)
-        q = torch.floor(vc + 0.5)
+    vc = torch.clamp(v, -1.0, 1.0)
+    q = torch.where(vc >= 0, torch.ones_like(vc), -torch.ones_like(vc))
     return ((q - vc).detach() + vc) * step
 
 
