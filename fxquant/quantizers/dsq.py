@@ -19,8 +19,10 @@ import math
 import torch
 from torch import nn
 
+from fxquant.quantizers import kernels
 from fxquant.quantizers.base import Quantizer, block_scratch, elementwise_blocks, search_clip_range, split_blocks
 from fxquant.quantizers.grid import QuantGrid
+from fxquant.quantizers.kernels import dsq as dsq_kernels
 from fxquant.quantizers.registry import register_quantizer
 
 __all__ = ["DSQQuantizer", "dsq_soft"]
@@ -89,6 +91,26 @@ def _soft_terms(x, grad, low, step, n, two_k, two_s_k, grad_x, tc, frac, sig, ma
     torch.mul(slope, mask, out=grad_x).mul_(two_s_k)  # ∂Q/∂x = (sK/2)(1 − τ²) = 2sK·σ(1 − σ) inside
 
 
+def _torch_block_sums(x, grad, grad_x, start, low, step, n, consts) -> torch.Tensor:
+    """The backward's seven sums (see ``kernels.dsq.dsq_backward``) from element ``start`` on, in cached blocks."""
+    pieces = split_blocks(*(t.view(-1)[start:] for t in (x, grad, grad_x)))
+    scratch = block_scratch(6, x.numel() - start, x)
+    # per block: Σ g·tc, Σ g·frac, Σ g·σ (one product) and Σ g, Σ g_x·tc, Σ g_x, Σ g·σ(1 − σ)·2K r
+    three = torch.empty((len(pieces), 3), dtype=x.dtype, device=x.device)
+    four = torch.empty((4, len(pieces)), dtype=x.dtype, device=x.device)
+    three_out, four_out = three.unbind(0), [row.unbind(0) for row in four]
+    for j, (xb, gb, gxb) in enumerate(pieces):
+        rows, (tc, frac, sig, mask, z, slope) = scratch(xb.numel())
+        _soft_terms(xb, gb, low, step, n, *consts, gxb, tc, frac, sig, mask, z, slope)
+        torch.mv(rows[:3], gb, out=three_out[j])
+        # plain sums for Σ g and Σ g_x (more accurate than BLAS products): l's gradient is their difference
+        torch.sum(gb, 0, out=four_out[0][j])
+        torch.dot(gxb, tc, out=four_out[1][j])
+        torch.sum(gxb, 0, out=four_out[2][j])
+        torch.dot(slope, z, out=four_out[3][j])
+    return torch.cat((three.sum(0), four.sum(1)))
+
+
 class _DSQStraightThrough(torch.autograd.Function):
     """Forward: the hard staircase. Backward: the exact derivative of ``dsq_soft`` (Eq. 3-5, 10).
 
@@ -110,8 +132,11 @@ class _DSQStraightThrough(torch.autograd.Function):
         n = 2**bits - 1
         out = torch.empty_like(x)
         zero = None if low_is_zero else low
-        if elementwise_blocks(x, low, step):
-            for xb, outb in split_blocks(x, out):
+        head = 0
+        if low.numel() == 1 and step.numel() == 1 and kernels.kernels_enabled("dsq_forward", x):
+            head = dsq_kernels.dsq_forward(x, out, None if zero is None else float(low), float(step), n)
+        if head or elementwise_blocks(x, low, step):  # the rest of a contiguous tensor, in cached blocks
+            for xb, outb in split_blocks(*(t.view(-1)[head:] for t in (x, out))):
                 _hard(xb, zero, step, n, outb)
         else:
             _hard(x, zero, step, n, out)
@@ -127,7 +152,9 @@ class _DSQStraightThrough(torch.autograd.Function):
         s, big_k, dk, alpha_live = _constants(alpha)
         grad = grad.contiguous()
         grad_x = torch.empty_like(x)
-        if not (x.is_contiguous() and elementwise_blocks(grad, low, step)):
+        per_tensor = low.numel() == 1 and step.numel() == 1
+        use_kernel = per_tensor and kernels.kernels_enabled("dsq_backward", x)
+        if not (use_kernel or x.is_contiguous() and elementwise_blocks(grad, low, step)):
             # weights (per channel), small tensors, compiled graphs: a few whole-tensor passes
             terms = torch.empty((6, *x.shape), dtype=x.dtype, device=x.device)
             tc, frac, sig, mask, z, slope = terms.unbind(0)
@@ -140,25 +167,17 @@ class _DSQStraightThrough(torch.autograd.Function):
             sums = terms.sum_to_size((6, *[1] * (x.dim() - step.dim()), *step.shape)).reshape(6, *step.shape)
             sum_tc, sum_frac, sum_sig, sum_gx_tc, sum_slope_z, sum_g = sums.unbind(0)
             sum_gx = grad_x.sum_to_size(low.shape)
-        else:  # per-tensor grid, eager: blocks that stay in cache
-            pieces = split_blocks(x, grad, grad_x)
-            scratch = block_scratch(6, x.numel(), x)
-            # per block: Σ g·tc, Σ g·frac, Σ g·σ (one product) and Σ g, Σ g_x·tc, Σ g_x, Σ g·σ(1 − σ)·2K r
-            three = torch.empty((len(pieces), 3), dtype=x.dtype, device=x.device)
-            four = torch.empty((4, len(pieces)), dtype=x.dtype, device=x.device)
-            three_out, four_out = three.unbind(0), [row.unbind(0) for row in four]
+        else:  # per-tensor grid, eager: one TVM pass, or blocks that stay in cache
             consts = (2.0 * big_k, 2.0 * s * big_k)
-            for j, (xb, gb, gxb) in enumerate(pieces):
-                rows, (tc, frac, sig, mask, z, slope) = scratch(xb.numel())
-                _soft_terms(xb, gb, zero, step, n, *consts, gxb, tc, frac, sig, mask, z, slope)
-                torch.mv(rows[:3], gb, out=three_out[j])
-                # plain sums for Σ g and Σ g_x (more accurate than BLAS products): l's gradient is their difference
-                torch.sum(gb, 0, out=four_out[0][j])
-                torch.dot(gxb, tc, out=four_out[1][j])
-                torch.sum(gxb, 0, out=four_out[2][j])
-                torch.dot(slope, z, out=four_out[3][j])
-            sum_tc, sum_frac, sum_sig = three.sum(0).unbind(0)
-            sum_g, sum_gx_tc, sum_gx, sum_slope_z = four.sum(1).unbind(0)
+            # Σ g·tc, Σ g·frac, Σ g·σ, Σ g, Σ g_x·tc, Σ g_x, Σ g·σ(1 − σ)·2K r
+            sums, head = [], 0
+            if use_kernel:
+                low_value = 0.0 if zero is None else float(low)
+                head, kernel_sums = dsq_kernels.dsq_backward(x, grad, grad_x, low_value, float(step), n, *consts)
+                sums.append(kernel_sums)
+            if head < x.numel():
+                sums.append(_torch_block_sums(x, grad, grad_x, head, zero, step, n, consts))
+            sum_tc, sum_frac, sum_sig, sum_g, sum_gx_tc, sum_gx, sum_slope_z = sum(sums).unbind(0)
         grad_low = grad_step = grad_alpha = None
         if ctx.needs_input_grad[1]:  # Σ g·(1 − ∂Q/∂x)
             grad_low = sum_g.sum_to_size(low.shape) - sum_gx

@@ -46,8 +46,10 @@ import torch
 from torch import nn
 
 from fxquant.errors import ConfigError
+from fxquant.quantizers import kernels
 from fxquant.quantizers.base import Quantizer, Role, block_scratch, elementwise_blocks, split_blocks
 from fxquant.quantizers.grid import QuantGrid, requantize_levels, threshold_codes
+from fxquant.quantizers.kernels import lcq as lcq_kernels
 from fxquant.quantizers.lsq import grad_scale
 from fxquant.quantizers.registry import register_quantizer
 
@@ -181,14 +183,20 @@ class _LCQFunction(torch.autograd.Function):
         u_table = _level_tables(gamma, beta, s, x.dtype, x.device)[2] if companded else None
         out = torch.empty_like(x)
         code = None
+        mode = "symmetric" if symmetric else "unsigned"
+        use_kernel = companded and alpha.numel() == 1 and kernels.kernels_enabled(f"lcq_forward_{mode}_uint8", x)
         if companded:
             combos = gamma.numel() * (s + 1)
             small = torch.uint8 if combos <= 256 else torch.int16 if combos <= 2**15 else torch.int32
-            code = torch.empty(x.shape, dtype=small, device=x.device)
-        if elementwise_blocks(x, alpha):
-            scratch = block_scratch(2, x.numel(), x)
-            int_scratch = block_scratch(1, x.numel(), x, torch.int32)
-            for xb, outb, *code_b in split_blocks(x, out, *([code] if companded else [])):
+            code = torch.empty(x.shape, dtype=lcq_kernels.code_dtype(combos) if use_kernel else small, device=x.device)
+        head = 0
+        if use_kernel:
+            head = lcq_kernels.lcq_forward(x, out, code, gamma, beta, u_table, float(alpha), s, symmetric)
+        if head or elementwise_blocks(x, alpha):  # the rest of a contiguous tensor, in cached blocks
+            rest = [t.view(-1)[head:] for t in (x, out, *([code] if companded else []))]
+            scratch = block_scratch(2, x.numel() - head, x)
+            int_scratch = block_scratch(1, x.numel() - head, x, torch.int32)
+            for xb, outb, *code_b in split_blocks(*rest):
                 v, seg = scratch(xb.numel())[1]
                 _lcq_value(xb, alpha, gamma, beta, u_table, s, symmetric, outb, v, seg, int_scratch(xb.numel())[1][0],
                            code_b[0] if companded else None)
@@ -214,15 +222,25 @@ class _LCQFunction(torch.autograd.Function):
             by_code = torch.zeros((2, k * (s + 1)), dtype=x.dtype, device=x.device)
         grad = grad.contiguous()
         grad_x = torch.empty_like(x)
-        if not (x.is_contiguous() and elementwise_blocks(grad, alpha)):
+        mode = "symmetric" if symmetric else "unsigned"
+        head, kernel_sums = 0, None
+        if (
+            companded and alpha.numel() == 1 and code.dtype in (torch.uint8, torch.int32)
+            and kernels.kernels_enabled(f"lcq_backward_{mode}_uint8", x)
+        ):
+            head, kernel_sums, kernel_by_code = lcq_kernels.lcq_backward(
+                x, grad, code, grad_x, *tables, float(alpha), symmetric
+            )
+            by_code += kernel_by_code.view(2, -1)
+        if not (head or x.is_contiguous() and elementwise_blocks(grad, alpha)):
             signed, u, w, v = torch.empty((4, *x.shape), dtype=x.dtype, device=x.device).unbind(0)
             index = torch.empty(x.shape, dtype=torch.long, device=x.device)
             pieces = [(x, grad, grad_x, code)]
-        else:
-            pieces = split_blocks(x, grad, grad_x, *([code] if companded else []))
-            scratch = block_scratch(4, x.numel(), x)
-            int_scratch = block_scratch(1, x.numel(), x, torch.long)
-        sums = torch.empty((2, len(pieces)), dtype=x.dtype, device=x.device) if len(pieces) > 1 else None
+        else:  # the rest of a contiguous tensor, in cached blocks
+            pieces = split_blocks(*(t.view(-1)[head:] for t in (x, grad, grad_x, *([code] if companded else []))))
+            scratch = block_scratch(4, x.numel() - head, x)
+            int_scratch = block_scratch(1, x.numel() - head, x, torch.long)
+        sums = torch.empty((2, len(pieces)), dtype=x.dtype, device=x.device) if len(pieces) > 1 or head else None
         for i, (xb, gb, gxb, *code_b) in enumerate(pieces):
             if sums is not None:
                 signed, u, w, v = scratch(xb.numel())[1]
@@ -240,7 +258,8 @@ class _LCQFunction(torch.autograd.Function):
                 by_code[0].scatter_add_(0, flat_index, w.view(-1))
                 by_code[1].scatter_add_(0, flat_index, w.mul_(v).view(-1))
         if sums is not None:
-            sum_u, sum_x = sums.sum(1).reshape(2, *alpha.shape).unbind(0)
+            totals = sums.sum(1) if kernel_sums is None else sums.sum(1) + kernel_sums
+            sum_u, sum_x = totals.reshape(2, *alpha.shape).unbind(0)
         grad_alpha = sum_u - sum_x / alpha if ctx.needs_input_grad[1] else None
         grad_gamma = grad_beta = None
         if companded and (ctx.needs_input_grad[2] or ctx.needs_input_grad[3]):

@@ -56,8 +56,10 @@ import torch
 from torch import nn
 
 from fxquant.errors import ConfigError
+from fxquant.quantizers import kernels
 from fxquant.quantizers.base import Quantizer, Role, search_clip_range
 from fxquant.quantizers.grid import QuantGrid, requantize_levels
+from fxquant.quantizers.kernels import qn as qn_kernels
 from fxquant.quantizers.registry import register_quantizer
 
 __all__ = ["QNQuantizer", "qn_soft", "qn_hard", "kmeans_1d", "kmeans_thresholds", "LEVEL_CHOICES"]
@@ -177,6 +179,55 @@ class _QNSoft(torch.autograd.Function):
         return total
 
 
+class _QNEvenFused(torch.autograd.Function):
+    """``α·(S(βx) + q_0)`` for evenly spaced thresholds with per-tensor α, β: the TVM kernels of
+    ``fxquant.quantizers.kernels.qn`` over whole blocks, :class:`_QNSoft`'s arithmetic for the tail.
+
+    Same values and gradients as ``alpha * (_QNSoft.apply(beta * x, ...) + q_0)`` (to float32 rounding), in
+    one pass forward and one backward instead of a dozen; ``D = S'(βx)`` is the one tensor kept.
+    """
+
+    @staticmethod
+    def forward(ctx, x, alpha, beta, biases, heights, temperature, low_target: float):
+        n = biases.numel()
+        reach = CLAMP / float(temperature)
+        width = _window_width(biases, 2.0 * reach)
+        top = float(_sigmoid_clamp(x))
+        a, b, t, height = float(alpha), float(beta), float(temperature), float(heights[0])
+        outside = (n - width) * top * (1.0 - top)
+        out, derivative = torch.empty_like(x), torch.empty_like(x)
+        head = qn_kernels.qn_even_forward(
+            x, out, derivative, alpha=a, beta=b, low_target=low_target, first_bias=float(biases[0]),
+            gap=float(biases[1] - biases[0]), reach=reach, last_first=n - width, width=width, temperature=t,
+            height=height, top=top, clamp=CLAMP, outside_slope=outside,
+        )
+        if head < x.numel():
+            tail = beta * x.view(-1)[head:]
+            value, sigmoids = _QNSoft.even_window(tail, biases, heights, temperature, width, reach)
+            out.view(-1)[head:] = alpha * (value + low_target)
+            slope = torch.full_like(tail, outside)
+            for sig in sigmoids:
+                slope += sig * (1.0 - sig)
+            derivative.view(-1)[head:] = slope * (height * t)
+        ctx.save_for_backward(x, alpha, beta, out, derivative)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, alpha, beta, out, derivative = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = torch.empty_like(x)
+        head, sums = qn_kernels.qn_even_backward(x, grad, derivative, out, grad_x, float(alpha * beta))
+        if head < x.numel():
+            xt, gt, dt, ot = (t.view(-1)[head:] for t in (x, grad, derivative, out))
+            gd = gt * dt
+            grad_x.view(-1)[head:] = gd * (alpha * beta)
+            sums = sums + torch.stack((torch.dot(gd, xt), torch.dot(gt, ot)))
+        sum_gxd, sum_g_out = sums.unbind(0)
+        grad_alpha = (sum_g_out / alpha).reshape(alpha.shape)  # ∂out/∂α = out/α
+        grad_beta = (alpha * sum_gxd).reshape(beta.shape)
+        return grad_x, grad_alpha, grad_beta, None, None, None, None
+
 
 def _sigmoid_clamp(like: torch.Tensor) -> torch.Tensor:
     """``σ(10)`` in the dtype of ``like``: the value of every threshold that ``z`` has passed by far."""
@@ -204,7 +255,14 @@ def qn_soft(
     t = torch.as_tensor(temperature, dtype=x.dtype, device=x.device)
     targets = targets.to(x.dtype)
     heights = targets[1:] - targets[:-1]
-    return alpha * (_QNSoft.apply(beta * x, biases.to(x.dtype), heights, t, evenly_spaced) + targets[0])
+    biases = biases.to(x.dtype)
+    if (
+        evenly_spaced and alpha.numel() == 1 and beta.numel() == 1 and biases.numel() > 1 and float(alpha.detach()) != 0
+        and _window_width(biases, 2.0 * CLAMP / float(t)) < biases.numel()
+        and kernels.kernels_enabled("qn_even_forward", x)
+    ):
+        return _QNEvenFused.apply(x, alpha, beta, biases, heights, t, float(targets[0]))
+    return alpha * (_QNSoft.apply(beta * x, biases, heights, t, evenly_spaced) + targets[0])
 
 
 def qn_hard(

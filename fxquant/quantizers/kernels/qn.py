@@ -1,0 +1,138 @@
+"""Quantization Networks' training function for evenly spaced thresholds as two TVM kernels.
+
+Forward: ``out = α·(S(βx) + q_0)`` with ``S`` the windowed sigmoid sum of
+``fxquant.quantizers.qn._QNSoft.even_window`` (which documents the window: only the ``width`` thresholds
+around each value get a sigmoid, those below add ``σ(10)`` and those above ``σ(−10)``), and ``D = S'(βx)``
+(the original code's derivative, ``s·T·(Σ_window σ(1 − σ) + outside)``), kept for the backward instead of
+the window's sigmoids. Backward: ``grad_x = g·αβ·D`` and the sums ``Σ g·x·D`` (for β) and ``Σ g·out``
+(for α, ``∂out/∂α = out/α``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fxquant.quantizers.kernels.runtime import (
+    F32,
+    KERNEL_BLOCK,
+    LANES,
+    ROWS,
+    VectorOps,
+    as_blocks,
+    call_kernel,
+    register_kernel,
+    tvm_tensor,
+)
+
+__all__ = ["qn_even_forward", "qn_even_backward", "QN_SUMS"]
+
+QN_SUMS = 2  # Σ g·x·D, Σ g·out
+
+
+def qn_even_forward(
+    x: torch.Tensor, out: torch.Tensor, derivative: torch.Tensor, *, alpha: float, beta: float, low_target: float,
+    first_bias: float, gap: float, reach: float, last_first: int, width: int, temperature: float, height: float,
+    top: float, clamp: float, outside_slope: float,
+) -> int:
+    """Fill ``out`` and ``derivative`` over the leading whole blocks of ``x``; returns the elements covered.
+
+    ``last_first = n − width`` (the highest first threshold of a window), ``top = σ(clamp)``,
+    ``outside_slope = (n − width)·top·(1 − top)``, ``low_target = q_0``.
+    """
+    blocks = x.numel() // KERNEL_BLOCK
+    call_kernel(
+        "qn_even_forward", *(as_blocks(t, blocks) for t in (x, out, derivative)),
+        alpha, beta, low_target, first_bias, gap, reach / gap, float(last_first), temperature * gap, height, top,
+        clamp, outside_slope, height * temperature, width,
+    )
+    return blocks * KERNEL_BLOCK
+
+
+def qn_even_backward(
+    x: torch.Tensor, grad: torch.Tensor, derivative: torch.Tensor, out: torch.Tensor, grad_x: torch.Tensor,
+    alpha_beta: float,
+) -> tuple[int, torch.Tensor]:
+    """``grad_x = g·αβ·D`` over the leading whole blocks: ``(elements covered, [Σ g·x·D, Σ g·out])``."""
+    blocks = x.numel() // KERNEL_BLOCK
+    partial = torch.empty((blocks, QN_SUMS, LANES), dtype=torch.float32)
+    call_kernel("qn_even_backward", *(as_blocks(t, blocks) for t in (x, grad, derivative, out, grad_x)),
+                tvm_tensor(partial), alpha_beta)
+    return blocks * KERNEL_BLOCK, partial.sum((0, 2))
+
+
+def _block_buffers(T, names: tuple[str, ...]):
+    from tvm import tirx
+
+    blocks = tirx.Var("blocks", "int64")
+    return blocks, [T.arg(n, T.buffer((blocks, ROWS, LANES), F32)) for n in names]
+
+
+@register_kernel("qn_even_forward")
+def _build_forward():
+    from tvm import tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    v = VectorOps()
+    names = ("alpha", "beta", "low_target", "first_bias", "gap", "reach_in_gaps", "last_first", "t_gap", "height",
+             "top", "clamp", "outside_slope", "gain")
+    with IRBuilder() as ib:
+        with T.prim_func():
+            T.func_name("qn_even_forward")
+            blocks, (x, out, derivative) = _block_buffers(T, ("x", "out", "derivative"))
+            alpha, beta, q0, b0, gap, reach, last_first, t_gap, height, top, clamp, outside, gain = (
+                T.arg(n, tirx.Var(n, F32)) for n in names
+            )
+            width = T.arg("width", tirx.Var("width", "int32"))
+            T.func_attr({"tirx.noalias": True})
+            with T.parallel(0, blocks) as b:
+                # rows: Σ σ and Σ σ(1 − σ) over the window, T·(z − b_k) for the window's k, first
+                acc = T.alloc_buffer((4, LANES), F32, scope="local")
+                with T.serial(0, ROWS) as j:
+                    position = (v.splat(beta) * x[b, j, v.ramp] - v.splat(b0)) / v.splat(gap)  # b_i sits at i
+                    first = tirx.floor(position - v.splat(reach)) + v.const(1.0)
+                    T.buffer_store(acc, tirx.min(tirx.max(first, v.const(0.0)), v.splat(last_first)), [3, v.ramp])
+                    T.buffer_store(acc, (position - acc[3, v.ramp]) * v.splat(t_gap), [2, v.ramp])
+                    T.buffer_store(acc, v.const(0.0), [0, v.ramp])
+                    T.buffer_store(acc, v.const(0.0), [1, v.ramp])
+                    with T.serial(0, width):
+                        low, high = v.const(0.0) - v.splat(clamp), v.splat(clamp)
+                        sig = v.sigmoid(tirx.min(tirx.max(acc[2, v.ramp], low), high))
+                        T.buffer_store(acc, acc[0, v.ramp] + sig, [0, v.ramp])
+                        T.buffer_store(acc, acc[1, v.ramp] + sig * (v.const(1.0) - sig), [1, v.ramp])
+                        # last: `sig` is an expression over row 2, evaluated where it is stored
+                        T.buffer_store(acc, acc[2, v.ramp] - v.splat(t_gap), [2, v.ramp])  # the next threshold
+                    passed = acc[3, v.ramp] * (v.const(2.0) * v.splat(top) - v.const(1.0))
+                    rest = v.splat(last_first) * (v.const(1.0) - v.splat(top))
+                    total = (acc[0, v.ramp] + passed + rest) * v.splat(height)
+                    T.buffer_store(out, v.splat(alpha) * (total + v.splat(q0)), [b, j, v.ramp])
+                    T.buffer_store(derivative, (acc[1, v.ramp] + v.splat(outside)) * v.splat(gain), [b, j, v.ramp])
+    return ib.get()
+
+
+@register_kernel("qn_even_backward")
+def _build_backward():
+    from tvm import tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    v = VectorOps()
+    with IRBuilder() as ib:
+        with T.prim_func():
+            T.func_name("qn_even_backward")
+            blocks, (x, g, derivative, out, gx) = _block_buffers(T, ("x", "grad", "derivative", "out", "grad_x"))
+            partial = T.arg("partial", T.buffer((blocks, QN_SUMS, LANES), F32))
+            alpha_beta = T.arg("alpha_beta", tirx.Var("alpha_beta", F32))
+            T.func_attr({"tirx.noalias": True})
+            with T.parallel(0, blocks) as b:
+                acc = T.alloc_buffer((QN_SUMS, LANES), F32, scope="local")
+                for k in range(QN_SUMS):
+                    T.buffer_store(acc, v.const(0.0), [k, v.ramp])
+                with T.serial(0, ROWS) as j:
+                    gd = g[b, j, v.ramp] * derivative[b, j, v.ramp]
+                    T.buffer_store(gx, gd * v.splat(alpha_beta), [b, j, v.ramp])
+                    T.buffer_store(acc, acc[0, v.ramp] + gd * x[b, j, v.ramp], [0, v.ramp])
+                    T.buffer_store(acc, acc[1, v.ramp] + g[b, j, v.ramp] * out[b, j, v.ramp], [1, v.ramp])
+                for k in range(QN_SUMS):
+                    T.buffer_store(partial, acc[k, v.ramp], [b, k, v.ramp])
+    return ib.get()
