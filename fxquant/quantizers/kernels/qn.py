@@ -10,6 +10,9 @@ the window's sigmoids. Backward: ``grad_x = g·αβ·D`` and the sums ``Σ g·x�
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 from fxquant.quantizers.kernels.runtime import (
@@ -27,6 +30,8 @@ from fxquant.quantizers.kernels.runtime import (
 __all__ = ["qn_even_forward", "qn_even_backward", "QN_SUMS"]
 
 QN_SUMS = 2  # Σ g·x·D, Σ g·out
+#: the largest T·gap for which the window's exponentials are a running product (see _build_forward)
+GEOMETRIC_MAX_STEP = 50.0
 
 
 def qn_even_forward(
@@ -40,10 +45,13 @@ def qn_even_forward(
     ``outside_slope = (n − width)·top·(1 − top)``, ``low_target = q_0``.
     """
     blocks = x.numel() // KERNEL_BLOCK
+    t_gap = temperature * gap
+    name = "qn_even_forward_geometric" if t_gap <= GEOMETRIC_MAX_STEP else "qn_even_forward"
     call_kernel(
-        "qn_even_forward", *(as_blocks(t, blocks) for t in (x, out, derivative)),
-        alpha, beta, low_target, first_bias, gap, reach / gap, float(last_first), temperature * gap, height, top,
-        clamp, outside_slope, height * temperature, width,
+        name, *(as_blocks(t, blocks) for t in (x, out, derivative)),
+        alpha, beta, low_target, first_bias, gap, reach / gap, float(last_first), t_gap, height, top,
+        clamp, outside_slope, height * temperature, math.exp(min(t_gap, GEOMETRIC_MAX_STEP)), math.exp(-clamp),
+        math.exp(clamp), width,
     )
     return blocks * KERNEL_BLOCK
 
@@ -67,47 +75,61 @@ def _block_buffers(T, names: tuple[str, ...]):
     return blocks, [T.arg(n, T.buffer((blocks, ROWS, LANES), F32)) for n in names]
 
 
-@register_kernel("qn_even_forward")
-def _build_forward():
+def _build_forward(geometric: bool):
+    """The forward; ``geometric`` computes the window's ``exp(−T(z − b_k))`` as one ``exp`` times ``e^{Tg}``
+    per threshold (a multiply instead of an ``exp``), clamped to ``e^{±10}`` like the arguments. Exact in
+    real arithmetic while the products stay within float32's range around the clamp: ``Tg ≤ 50`` (inputs
+    far beyond the thresholds saturate ``exp`` at ``e^{±88}``, at least 38 from the clamp, and a window
+    spans at most ``20 + Tg``)."""
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
     v = VectorOps()
     names = ("alpha", "beta", "low_target", "first_bias", "gap", "reach_in_gaps", "last_first", "t_gap", "height",
-             "top", "clamp", "outside_slope", "gain")
+             "top", "clamp", "outside_slope", "gain", "ratio", "exp_low", "exp_high")
     with IRBuilder() as ib:
         with T.prim_func():
-            T.func_name("qn_even_forward")
+            T.func_name("qn_even_forward_geometric" if geometric else "qn_even_forward")
             blocks, (x, out, derivative) = _block_buffers(T, ("x", "out", "derivative"))
-            alpha, beta, q0, b0, gap, reach, last_first, t_gap, height, top, clamp, outside, gain = (
-                T.arg(n, tirx.Var(n, F32)) for n in names
-            )
+            (alpha, beta, q0, b0, gap, reach, last_first, t_gap, height, top, clamp, outside, gain, ratio, exp_low,
+             exp_high) = (T.arg(n, tirx.Var(n, F32)) for n in names)
             width = T.arg("width", tirx.Var("width", "int32"))
             T.func_attr({"tirx.noalias": True})
             with T.parallel(0, blocks) as b:
-                # rows: Σ σ and Σ σ(1 − σ) over the window, T·(z − b_k) for the window's k, first
+                # rows: Σ σ and Σ σ(1 − σ) over the window; T·(z − b_k) (or its exp(−·)) for the window's k; first
                 acc = T.alloc_buffer((4, LANES), F32, scope="local")
                 with T.serial(0, ROWS) as j:
                     position = (v.splat(beta) * x[b, j, v.ramp] - v.splat(b0)) / v.splat(gap)  # b_i sits at i
                     first = tirx.floor(position - v.splat(reach)) + v.const(1.0)
                     T.buffer_store(acc, tirx.min(tirx.max(first, v.const(0.0)), v.splat(last_first)), [3, v.ramp])
-                    T.buffer_store(acc, (position - acc[3, v.ramp]) * v.splat(t_gap), [2, v.ramp])
+                    scaled = (position - acc[3, v.ramp]) * v.splat(t_gap)
+                    T.buffer_store(acc, v.exp(v.const(0.0) - scaled) if geometric else scaled, [2, v.ramp])
                     T.buffer_store(acc, v.const(0.0), [0, v.ramp])
                     T.buffer_store(acc, v.const(0.0), [1, v.ramp])
                     with T.serial(0, width):
-                        low, high = v.const(0.0) - v.splat(clamp), v.splat(clamp)
-                        sig = v.sigmoid(tirx.min(tirx.max(acc[2, v.ramp], low), high))
+                        if geometric:
+                            e = tirx.min(tirx.max(acc[2, v.ramp], v.splat(exp_low)), v.splat(exp_high))
+                            sig = v.const(1.0) / (v.const(1.0) + e)
+                            following = acc[2, v.ramp] * v.splat(ratio)
+                        else:
+                            low, high = v.const(0.0) - v.splat(clamp), v.splat(clamp)
+                            sig = v.sigmoid(tirx.min(tirx.max(acc[2, v.ramp], low), high))
+                            following = acc[2, v.ramp] - v.splat(t_gap)
                         T.buffer_store(acc, acc[0, v.ramp] + sig, [0, v.ramp])
                         T.buffer_store(acc, acc[1, v.ramp] + sig * (v.const(1.0) - sig), [1, v.ramp])
                         # last: `sig` is an expression over row 2, evaluated where it is stored
-                        T.buffer_store(acc, acc[2, v.ramp] - v.splat(t_gap), [2, v.ramp])  # the next threshold
+                        T.buffer_store(acc, following, [2, v.ramp])  # the next threshold
                     passed = acc[3, v.ramp] * (v.const(2.0) * v.splat(top) - v.const(1.0))
                     rest = v.splat(last_first) * (v.const(1.0) - v.splat(top))
                     total = (acc[0, v.ramp] + passed + rest) * v.splat(height)
                     T.buffer_store(out, v.splat(alpha) * (total + v.splat(q0)), [b, j, v.ramp])
                     T.buffer_store(derivative, (acc[1, v.ramp] + v.splat(outside)) * v.splat(gain), [b, j, v.ramp])
     return ib.get()
+
+
+register_kernel("qn_even_forward")(functools.partial(_build_forward, False))
+register_kernel("qn_even_forward_geometric")(functools.partial(_build_forward, True))
 
 
 @register_kernel("qn_even_backward")
