@@ -180,7 +180,8 @@ class _LCQFunction(torch.autograd.Function):
         companded = gamma is not None and s > 0
         if not companded:
             gamma = beta = None
-        u_table = _level_tables(gamma, beta, s, x.dtype, x.device)[2] if companded else None
+        ctx.tables = _level_tables(gamma, beta, s, x.dtype, x.device) if companded else None  # reused backward
+        u_table = ctx.tables[2] if companded else None
         out = torch.empty_like(x)
         code = None
         mode = "symmetric" if symmetric else "unsigned"
@@ -215,7 +216,7 @@ class _LCQFunction(torch.autograd.Function):
         tables = None
         if companded:
             k = gamma.numel()
-            levels, kq, u_table = _level_tables(gamma, beta, s, x.dtype, x.device)
+            levels, kq, u_table = ctx.tables
             segments = torch.arange(k, dtype=x.dtype, device=x.device) / k  # d_k, as kx/K in the forward
             tables = (u_table.repeat(k), segments.repeat_interleave(s + 1))
             # per code: Σ w (row 0) and Σ w·(v − d_kx) (row 1)
