@@ -133,7 +133,8 @@ class _DSQStraightThrough(torch.autograd.Function):
         out = torch.empty_like(x)
         zero = None if low_is_zero else low
         head = 0
-        if low.numel() == 1 and step.numel() == 1 and kernels.kernels_enabled("dsq_forward", x):
+        kernel = dsq_kernels.forward_kernel(has_low=not low_is_zero)
+        if low.numel() == 1 and step.numel() == 1 and kernels.kernels_enabled(kernel, x):
             head = dsq_kernels.dsq_forward(x, out, None if zero is None else float(low), float(step), n)
         if head or elementwise_blocks(x, low, step):  # the rest of a contiguous tensor, in cached blocks
             for xb, outb in split_blocks(*(t.view(-1)[head:] for t in (x, out))):

@@ -183,13 +183,15 @@ class _LCQFunction(torch.autograd.Function):
         ctx.tables = _level_tables(gamma, beta, s, x.dtype, x.device) if companded else None  # reused backward
         u_table = ctx.tables[2] if companded else None
         out = torch.empty_like(x)
-        code = None
-        mode = "symmetric" if symmetric else "unsigned"
-        use_kernel = companded and alpha.numel() == 1 and kernels.kernels_enabled(f"lcq_forward_{mode}_uint8", x)
+        code, use_kernel = None, False
         if companded:
             combos = gamma.numel() * (s + 1)
+            kernel_code = lcq_kernels.code_dtype(combos)
+            use_kernel = alpha.numel() == 1 and kernels.kernels_enabled(
+                lcq_kernels.kernel_name("forward", symmetric, kernel_code), x
+            )
             small = torch.uint8 if combos <= 256 else torch.int16 if combos <= 2**15 else torch.int32
-            code = torch.empty(x.shape, dtype=lcq_kernels.code_dtype(combos) if use_kernel else small, device=x.device)
+            code = torch.empty(x.shape, dtype=kernel_code if use_kernel else small, device=x.device)
         head = 0
         if use_kernel:
             head = lcq_kernels.lcq_forward(x, out, code, gamma, beta, u_table, float(alpha), s, symmetric)
@@ -223,12 +225,9 @@ class _LCQFunction(torch.autograd.Function):
             by_code = torch.zeros((2, k * (s + 1)), dtype=x.dtype, device=x.device)
         grad = grad.contiguous()
         grad_x = torch.empty_like(x)
-        mode = "symmetric" if symmetric else "unsigned"
         head, kernel_sums = 0, None
-        if (
-            companded and alpha.numel() == 1 and code.dtype in (torch.uint8, torch.int32)
-            and kernels.kernels_enabled(f"lcq_backward_{mode}_uint8", x)
-        ):
+        kernel = lcq_kernels.kernel_name("backward", symmetric, code.dtype) if companded else None
+        if kernel is not None and alpha.numel() == 1 and kernels.kernels_enabled(kernel, x):
             head, kernel_sums, kernel_by_code = lcq_kernels.lcq_backward(
                 x, grad, code, grad_x, *tables, float(alpha), symmetric
             )

@@ -106,10 +106,7 @@ class _QNSoft(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         if ctx.even:
-            slope = torch.full_like(grad, ctx.outside)
-            for sig in ctx.saved_tensors:
-                slope += sig * (1.0 - sig)
-            return grad * slope * ctx.gain, None, None, None, None
+            return grad * _window_slope(ctx.saved_tensors, ctx.outside, grad) * ctx.gain, None, None, None, None
         z, biases, heights, temperature = ctx.saved_tensors
         slope = _QNSoft.sigmoids(z, biases, heights, temperature, slope=True)
         return grad * slope * temperature, None, None, None, None
@@ -188,10 +185,9 @@ class _QNEvenFused(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, alpha, beta, biases, heights, temperature, low_target: float):
+    def forward(ctx, x, alpha, beta, biases, heights, temperature, low_target: float, width: int):
         n = biases.numel()
         reach = CLAMP / float(temperature)
-        width = _window_width(biases, 2.0 * reach)
         top = float(_sigmoid_clamp(x))
         a, b, t, height = float(alpha), float(beta), float(temperature), float(heights[0])
         outside = (n - width) * top * (1.0 - top)
@@ -205,10 +201,7 @@ class _QNEvenFused(torch.autograd.Function):
             tail = beta * x.view(-1)[head:]
             value, sigmoids = _QNSoft.even_window(tail, biases, heights, temperature, width, reach)
             out.view(-1)[head:] = alpha * (value + low_target)
-            slope = torch.full_like(tail, outside)
-            for sig in sigmoids:
-                slope += sig * (1.0 - sig)
-            derivative.view(-1)[head:] = slope * (height * t)
+            derivative.view(-1)[head:] = _window_slope(sigmoids, outside, tail) * (height * t)
         ctx.save_for_backward(x, alpha, beta, out, derivative)
         return out
 
@@ -226,7 +219,15 @@ class _QNEvenFused(torch.autograd.Function):
         sum_gxd, sum_g_out = sums.unbind(0)
         grad_alpha = (sum_g_out / alpha).reshape(alpha.shape)  # ∂out/∂α = out/α
         grad_beta = (alpha * sum_gxd).reshape(beta.shape)
-        return grad_x, grad_alpha, grad_beta, None, None, None, None
+        return grad_x, grad_alpha, grad_beta, None, None, None, None, None
+
+
+def _window_slope(sigmoids, outside: float, like: torch.Tensor) -> torch.Tensor:
+    """``Σ_window σ(1 − σ) + outside``: the even window's slope from its sigmoids (``outside``: the clamped ones)."""
+    slope = torch.full_like(like, outside)
+    for sig in sigmoids:
+        slope += sig * (1.0 - sig)
+    return slope
 
 
 def _sigmoid_clamp(like: torch.Tensor) -> torch.Tensor:
@@ -256,12 +257,11 @@ def qn_soft(
     targets = targets.to(x.dtype)
     heights = targets[1:] - targets[:-1]
     biases = biases.to(x.dtype)
-    if (
-        evenly_spaced and alpha.numel() == 1 and beta.numel() == 1 and biases.numel() > 1 and float(alpha.detach()) != 0
-        and _window_width(biases, 2.0 * CLAMP / float(t)) < biases.numel()
-        and kernels.kernels_enabled("qn_even_forward", x)
-    ):
-        return _QNEvenFused.apply(x, alpha, beta, biases, heights, t, float(targets[0]))
+    if evenly_spaced and alpha.numel() == 1 and beta.numel() == 1 and biases.numel() > 1 and float(alpha.detach()) != 0:
+        width = _window_width(biases, 2.0 * CLAMP / float(t))
+        kernel = qn_kernels.forward_kernel(float(t), float(biases[1] - biases[0]))
+        if width < biases.numel() and kernels.kernels_enabled(kernel, x):
+            return _QNEvenFused.apply(x, alpha, beta, biases, heights, t, float(targets[0]), width)
     return alpha * (_QNSoft.apply(beta * x, biases, heights, t, evenly_spaced) + targets[0])
 
 

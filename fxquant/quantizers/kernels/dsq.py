@@ -16,14 +16,21 @@ from fxquant.quantizers.kernels.runtime import (
     ROWS,
     VectorOps,
     as_blocks,
+    block_args,
     call_kernel,
     register_kernel,
+    scalar_args,
     tvm_tensor,
 )
 
-__all__ = ["dsq_forward", "dsq_backward", "DSQ_SUMS"]
+__all__ = ["forward_kernel", "dsq_forward", "dsq_backward", "DSQ_SUMS"]
 
 DSQ_SUMS = 7  # Σ g·tc, Σ g·frac, Σ g·σ, Σ g, Σ grad_x·tc, Σ grad_x, Σ slope·z
+
+
+def forward_kernel(has_low: bool) -> str:
+    """The forward variant :func:`dsq_forward` runs (``has_low=False``: ``l = 0``)."""
+    return "dsq_forward" if has_low else "dsq_forward_zero_low"
 
 
 def dsq_forward(x: torch.Tensor, out: torch.Tensor, low: float | None, step: float, top: int) -> int:
@@ -32,8 +39,8 @@ def dsq_forward(x: torch.Tensor, out: torch.Tensor, low: float | None, step: flo
     ``low=None`` is ``l = 0`` without the subtraction and addition (bit-identical to ``_hard``).
     """
     blocks = x.numel() // KERNEL_BLOCK
-    name = "dsq_forward" if low is not None else "dsq_forward_zero_low"
-    call_kernel(name, as_blocks(x, blocks), as_blocks(out, blocks), 0.0 if low is None else low, step, float(top))
+    args = (as_blocks(x, blocks), as_blocks(out, blocks), 0.0 if low is None else low, step, float(top))
+    call_kernel(forward_kernel(low is not None), *args)
     return blocks * KERNEL_BLOCK
 
 
@@ -54,12 +61,6 @@ def dsq_backward(
     return blocks * KERNEL_BLOCK, partial.sum((0, 2))
 
 
-def _scalar_args(T, names: tuple[str, ...]):
-    from tvm import tirx
-
-    return [T.arg(n, tirx.Var(n, F32)) for n in names]
-
-
 def _build_forward(has_low: bool):
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
@@ -69,10 +70,9 @@ def _build_forward(has_low: bool):
     blocks = tirx.Var("blocks", "int64")
     with IRBuilder() as ib:
         with T.prim_func():
-            T.func_name("dsq_forward" if has_low else "dsq_forward_zero_low")
-            x = T.arg("x", T.buffer((blocks, ROWS, LANES), F32))
-            out = T.arg("out", T.buffer((blocks, ROWS, LANES), F32))
-            low, step, top = _scalar_args(T, ("low", "step", "top"))
+            T.func_name(forward_kernel(has_low))
+            x, out = block_args(T, blocks, ("x", "out"))
+            low, step, top = scalar_args(T, ("low", "step", "top"))
             T.func_attr({"tirx.noalias": True})
             with T.parallel(0, blocks) as b:
                 with T.serial(0, ROWS) as j:
@@ -84,8 +84,8 @@ def _build_forward(has_low: bool):
     return ib.get()
 
 
-register_kernel("dsq_forward")(functools.partial(_build_forward, True))
-register_kernel("dsq_forward_zero_low")(functools.partial(_build_forward, False))
+for _has_low in (True, False):
+    register_kernel(forward_kernel(_has_low))(functools.partial(_build_forward, _has_low))
 
 
 @register_kernel("dsq_backward")
@@ -99,11 +99,9 @@ def _build_backward():
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name("dsq_backward")
-            x = T.arg("x", T.buffer((blocks, ROWS, LANES), F32))
-            g = T.arg("grad", T.buffer((blocks, ROWS, LANES), F32))
-            gx = T.arg("grad_x", T.buffer((blocks, ROWS, LANES), F32))
+            x, g, gx = block_args(T, blocks, ("x", "grad", "grad_x"))
             partial = T.arg("partial", T.buffer((blocks, DSQ_SUMS, LANES), F32))
-            low, step, top, two_k, two_s_k = _scalar_args(T, ("low", "step", "top", "two_k", "two_s_k"))
+            low, step, top, two_k, two_s_k = scalar_args(T, ("low", "step", "top", "two_k", "two_s_k"))
             T.func_attr({"tirx.noalias": True})
             with T.parallel(0, blocks) as b:
                 acc = T.alloc_buffer((DSQ_SUMS, LANES), F32, scope="local")

@@ -20,12 +20,14 @@ from fxquant.quantizers.kernels.runtime import (
     ROWS,
     VectorOps,
     as_blocks,
+    block_args,
     call_kernel,
     register_kernel,
+    scalar_args,
     tvm_tensor,
 )
 
-__all__ = ["lcq_forward", "lcq_backward", "code_dtype"]
+__all__ = ["kernel_name", "lcq_forward", "lcq_backward", "code_dtype"]
 
 _CODE_DTYPES = {torch.uint8: "uint8", torch.int32: "int32"}
 CHUNKS_PER_THREAD = 4  # backward histograms: more chunks balance threads, fewer cost less to zero and sum
@@ -36,15 +38,22 @@ def code_dtype(combos: int) -> torch.dtype:
     return torch.uint8 if combos <= 256 else torch.int32
 
 
+def kernel_name(stage: str, symmetric: bool, code: torch.dtype) -> str | None:
+    """The ``"forward"`` or ``"backward"`` kernel for this mode and code type; None for a type no kernel takes."""
+    if code not in _CODE_DTYPES:
+        return None
+    return f"lcq_{stage}_{'symmetric' if symmetric else 'unsigned'}_{_CODE_DTYPES[code]}"
+
+
 def lcq_forward(
     x: torch.Tensor, out: torch.Tensor, code: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
     u_table: torch.Tensor, alpha: float, s: int, symmetric: bool,
 ) -> int:
     """``out = Q(x)`` and ``code`` over the leading whole blocks of ``x``; returns the elements covered."""
     blocks = x.numel() // KERNEL_BLOCK
-    name = f"lcq_forward_{'symmetric' if symmetric else 'unsigned'}_{_CODE_DTYPES[code.dtype]}"
     tables = (tvm_tensor(t.detach().contiguous()) for t in (gamma, beta, u_table))
-    call_kernel(name, *(as_blocks(t, blocks) for t in (x, out, code)), *tables, alpha, float(gamma.numel()), float(s))
+    blocked = (as_blocks(t, blocks) for t in (x, out, code))
+    call_kernel(kernel_name("forward", symmetric, code.dtype), *blocked, *tables, alpha, float(gamma.numel()), float(s))
     return blocks * KERNEL_BLOCK
 
 
@@ -61,8 +70,8 @@ def lcq_backward(
     combos = u_by_code.numel()
     partial = torch.empty((blocks, 2, LANES), dtype=torch.float32)
     histograms = torch.empty((chunks, 2, combos), dtype=torch.float32)
-    name = f"lcq_backward_{'symmetric' if symmetric else 'unsigned'}_{_CODE_DTYPES[code.dtype]}"
-    call_kernel(name, *(as_blocks(t, blocks) for t in (x, grad, grad_x, code)), tvm_tensor(partial),
+    blocked = (as_blocks(t, blocks) for t in (x, grad, grad_x, code))
+    call_kernel(kernel_name("backward", symmetric, code.dtype), *blocked, tvm_tensor(partial),
                 tvm_tensor(histograms), tvm_tensor(u_by_code.contiguous()), tvm_tensor(d_by_code.contiguous()),
                 alpha, chunks)
     return blocks * KERNEL_BLOCK, partial.sum((0, 2)), histograms.sum(0)
@@ -81,7 +90,7 @@ def _sign(v: VectorOps, x):
     return tirx.Select(x > v.const(0.0), v.const(1.0), tirx.Select(x < v.const(0.0), v.const(-1.0), v.const(0.0)))
 
 
-def _build_forward(symmetric: bool, code_type: str):
+def _build_forward(symmetric: bool, code: torch.dtype):
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
@@ -91,14 +100,14 @@ def _build_forward(symmetric: bool, code_type: str):
     blocks, segments, levels = (tirx.Var(n, "int64") for n in ("blocks", "segments", "levels"))
     with IRBuilder() as ib:
         with T.prim_func():
-            T.func_name(f"lcq_forward_{'symmetric' if symmetric else 'unsigned'}_{code_type}")
-            x = T.arg("x", T.buffer((blocks, ROWS, LANES), F32))
-            out = T.arg("out", T.buffer((blocks, ROWS, LANES), F32))
-            code = T.arg("code", T.buffer((blocks, ROWS, LANES), code_type))
+            T.func_name(kernel_name("forward", symmetric, code))
+            code_type = _CODE_DTYPES[code]
+            x, out = block_args(T, blocks, ("x", "out"))
+            (code,) = block_args(T, blocks, ("code",), code_type)
             gamma = T.arg("gamma", T.buffer((segments,), F32))
             beta = T.arg("beta", T.buffer((segments,), F32))
             u_table = T.arg("u_table", T.buffer((levels,), F32))
-            alpha, k_count, s = (T.arg(n, tirx.Var(n, F32)) for n in ("alpha", "k_count", "s"))
+            alpha, k_count, s = scalar_args(T, ("alpha", "k_count", "s"))
             T.func_attr({"tirx.noalias": True})
             with T.parallel(0, blocks) as b:
                 # rows: v = min(|x|/α, 1), then v − d_kx; the segment kx; the rounded level j (floats)
@@ -123,7 +132,7 @@ def _build_forward(symmetric: bool, code_type: str):
     return ib.get()
 
 
-def _build_backward(symmetric: bool, code_type: str):
+def _build_backward(symmetric: bool, code: torch.dtype):
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
@@ -133,17 +142,15 @@ def _build_backward(symmetric: bool, code_type: str):
     blocks, combos = tirx.Var("blocks", "int64"), tirx.Var("combos", "int64")
     with IRBuilder() as ib:
         with T.prim_func():
-            T.func_name(f"lcq_backward_{'symmetric' if symmetric else 'unsigned'}_{code_type}")
-            x = T.arg("x", T.buffer((blocks, ROWS, LANES), F32))
-            g = T.arg("grad", T.buffer((blocks, ROWS, LANES), F32))
-            gx = T.arg("grad_x", T.buffer((blocks, ROWS, LANES), F32))
-            code = T.arg("code", T.buffer((blocks, ROWS, LANES), code_type))
+            T.func_name(kernel_name("backward", symmetric, code))
+            x, g, gx = block_args(T, blocks, ("x", "grad", "grad_x"))
+            (code,) = block_args(T, blocks, ("code",), _CODE_DTYPES[code])
             partial = T.arg("partial", T.buffer((blocks, 2, LANES), F32))
             chunks = tirx.Var("chunks", "int64")
             hist = T.arg("histograms", T.buffer((chunks, 2, combos), F32))
             u_by_code = T.arg("u_by_code", T.buffer((combos,), F32))
             d_by_code = T.arg("d_by_code", T.buffer((combos,), F32))
-            alpha = T.arg("alpha", tirx.Var("alpha", F32))
+            (alpha,) = scalar_args(T, ("alpha",))
             T.arg("chunks", chunks)
             T.func_attr({"tirx.noalias": True})
             per_chunk = (blocks + chunks - 1) // chunks
@@ -183,8 +190,9 @@ def _build_backward(symmetric: bool, code_type: str):
 
 
 for _symmetric in (True, False):
-    for _code in _CODE_DTYPES.values():
-        _mode = "symmetric" if _symmetric else "unsigned"
-        register_kernel(f"lcq_forward_{_mode}_{_code}")(functools.partial(_build_forward, _symmetric, _code))
-        register_kernel(f"lcq_backward_{_mode}_{_code}")(functools.partial(_build_backward, _symmetric, _code))
+    for _code in _CODE_DTYPES:
+        register_kernel(kernel_name("forward", _symmetric, _code))(functools.partial(_build_forward, _symmetric, _code))
+        register_kernel(kernel_name("backward", _symmetric, _code))(
+            functools.partial(_build_backward, _symmetric, _code)
+        )
 

@@ -22,16 +22,23 @@ from fxquant.quantizers.kernels.runtime import (
     ROWS,
     VectorOps,
     as_blocks,
+    block_args,
     call_kernel,
     register_kernel,
+    scalar_args,
     tvm_tensor,
 )
 
-__all__ = ["qn_even_forward", "qn_even_backward", "QN_SUMS"]
+__all__ = ["forward_kernel", "qn_even_forward", "qn_even_backward", "QN_SUMS"]
 
 QN_SUMS = 2  # Σ g·x·D, Σ g·out
 #: the largest T·gap for which the window's exponentials are a running product (see _build_forward)
 GEOMETRIC_MAX_STEP = 50.0
+
+
+def forward_kernel(temperature: float, gap: float) -> str:
+    """The forward variant :func:`qn_even_forward` runs for this temperature and threshold gap."""
+    return "qn_even_forward_geometric" if temperature * gap <= GEOMETRIC_MAX_STEP else "qn_even_forward"
 
 
 def qn_even_forward(
@@ -46,9 +53,8 @@ def qn_even_forward(
     """
     blocks = x.numel() // KERNEL_BLOCK
     t_gap = temperature * gap
-    name = "qn_even_forward_geometric" if t_gap <= GEOMETRIC_MAX_STEP else "qn_even_forward"
     call_kernel(
-        name, *(as_blocks(t, blocks) for t in (x, out, derivative)),
+        forward_kernel(temperature, gap), *(as_blocks(t, blocks) for t in (x, out, derivative)),
         alpha, beta, low_target, first_bias, gap, reach / gap, float(last_first), t_gap, height, top,
         clamp, outside_slope, height * temperature, math.exp(min(t_gap, GEOMETRIC_MAX_STEP)), math.exp(-clamp),
         math.exp(clamp), width,
@@ -68,13 +74,6 @@ def qn_even_backward(
     return blocks * KERNEL_BLOCK, partial.sum((0, 2))
 
 
-def _block_buffers(T, names: tuple[str, ...]):
-    from tvm import tirx
-
-    blocks = tirx.Var("blocks", "int64")
-    return blocks, [T.arg(n, T.buffer((blocks, ROWS, LANES), F32)) for n in names]
-
-
 def _build_forward(geometric: bool):
     """The forward; ``geometric`` computes the window's ``exp(−T(z − b_k))`` as one ``exp`` times ``e^{Tg}``
     per threshold (a multiply instead of an ``exp``), clamped to ``e^{±10}`` like the arguments. Exact in
@@ -91,10 +90,11 @@ def _build_forward(geometric: bool):
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name("qn_even_forward_geometric" if geometric else "qn_even_forward")
-            blocks, (x, out, derivative) = _block_buffers(T, ("x", "out", "derivative"))
+            blocks = tirx.Var("blocks", "int64")
+            x, out, derivative = block_args(T, blocks, ("x", "out", "derivative"))
             (alpha, beta, q0, b0, gap, reach, last_first, t_gap, height, top, clamp, outside, gain, ratio, exp_low,
-             exp_high) = (T.arg(n, tirx.Var(n, F32)) for n in names)
-            width = T.arg("width", tirx.Var("width", "int32"))
+             exp_high) = scalar_args(T, names)
+            (width,) = scalar_args(T, ("width",), "int32")
             T.func_attr({"tirx.noalias": True})
             with T.parallel(0, blocks) as b:
                 # rows: Σ σ and Σ σ(1 − σ) over the window; T·(z − b_k) (or its exp(−·)) for the window's k; first
@@ -142,9 +142,10 @@ def _build_backward():
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name("qn_even_backward")
-            blocks, (x, g, derivative, out, gx) = _block_buffers(T, ("x", "grad", "derivative", "out", "grad_x"))
+            blocks = tirx.Var("blocks", "int64")
+            x, g, derivative, out, gx = block_args(T, blocks, ("x", "grad", "derivative", "out", "grad_x"))
             partial = T.arg("partial", T.buffer((blocks, QN_SUMS, LANES), F32))
-            alpha_beta = T.arg("alpha_beta", tirx.Var("alpha_beta", F32))
+            (alpha_beta,) = scalar_args(T, ("alpha_beta",))
             T.func_attr({"tirx.noalias": True})
             with T.parallel(0, blocks) as b:
                 acc = T.alloc_buffer((QN_SUMS, LANES), F32, scope="local")

@@ -20,7 +20,7 @@ import torch
 
 __all__ = [
     "CALLS", "KERNEL_BLOCK", "LANES", "register_kernel", "kernels_enabled", "call_kernel", "as_blocks", "tvm_tensor",
-    "VectorOps",
+    "block_args", "scalar_args", "VectorOps",
 ]
 
 KERNEL_BLOCK = 4096  #: elements per parallel task; a kernel covers ``numel // KERNEL_BLOCK`` whole blocks
@@ -72,6 +72,18 @@ def tvm_tensor(t: torch.Tensor):
     import tvm
 
     return tvm.runtime.from_dlpack(t)
+
+
+def block_args(T, blocks, names: tuple[str, ...], dtype: str = F32) -> list:
+    """Kernel arguments ``names``, each ``blocks`` whole blocks as ``(blocks, ROWS, LANES)`` (see :func:`as_blocks`)."""
+    return [T.arg(n, T.buffer((blocks, ROWS, LANES), dtype)) for n in names]
+
+
+def scalar_args(T, names: tuple[str, ...], dtype: str = F32) -> list:
+    """Scalar kernel arguments ``names``."""
+    from tvm import tirx
+
+    return [T.arg(n, tirx.Var(n, dtype)) for n in names]
 
 
 _pool_threads: list[int] = []  # the TVM pool size last set: it follows torch.get_num_threads()
