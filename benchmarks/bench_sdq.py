@@ -3,8 +3,10 @@
 All methods start from the same trained float model and get the same number of quantized training steps
 (``--qat-steps``); SDQ spends ``--search-steps`` of them on the search (at an average of ``--avg-bits``
 weight bits, activations at 4 bits, bit-widths searched down from ``--max-bits``) and the rest on QAT with
-DSQ at the plan's bits, starting again from the float model. A search step computes each quantizer at two
-bit-widths, so it costs about twice a QAT step; the budget counts steps, not time. The uniform
+DSQ at the plan's bits, continuing from the weights the search trained (``search(update_weights=True)``;
+``--cold-start`` starts it again from the float model, and the search's steps are lost to the weights). A
+search step computes each quantizer at two bit-widths, so it costs about twice a QAT step; the budget counts
+steps, not time. The uniform
 baselines train DSQ at W3 and W4 for all of the steps. First and last layers stay at 8 bits everywhere
 (``QuantConfig.first_last_bits``) and count in every cost. Accuracy is measured with the integer path
 (eval mode), i.e. that of the deployed model.
@@ -19,6 +21,7 @@ per-layer chart ``sdq_plan.png`` under ``--out-dir``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -52,6 +55,7 @@ class BenchSettings:
     max_bits: int = 6  # where the search starts (Budget.max_bits): the range a 3-bit average can use
     seed: int = 0
     ebr_kd: bool = False
+    warm_start: bool = True
 
 
 QUICK = BenchSettings(float_epochs=3, qat_steps=64, search_steps=24, train_subset=4096, test_subset=2000)
@@ -74,13 +78,13 @@ def train_float(s: BenchSettings, train: TensorBatches, progress: bool) -> nn.Mo
 
 def qat(
     float_model: nn.Module, config: fxquant.QuantConfig, train: TensorBatches, steps: int, s: BenchSettings,
-    progress: bool, name: str,
+    progress: bool, name: str, teacher: nn.Module | None = None,
 ) -> nn.Module:
-    """DSQ QAT from the float model for exactly ``steps`` optimizer steps."""
+    """DSQ QAT from ``float_model`` for exactly ``steps`` optimizer steps (EBR+KD from ``teacher`` if set)."""
     torch.manual_seed(s.seed)
     example = next(iter(train))[0]
     qmodel = fxquant.prepare(float_model, (example,), config)
-    loss_fn = sdq_loss(qmodel, teacher=float_model) if s.ebr_kd and name.startswith("sdq") else None
+    loss_fn = sdq_loss(qmodel, teacher=teacher) if teacher is not None else None
     opt, sched = _sgd(qmodel.parameters(), s.qat_lr, steps)
     done = 0
     while done < steps:
@@ -125,27 +129,29 @@ def run(s: BenchSettings, out_dir: Path, progress: bool) -> dict[str, Any]:
     example = next(iter(train))[0]
     budget = fxquant.Budget(avg_weight_bits=s.avg_bits, act_bits=s.act_bits, max_bits=s.max_bits)
     options = fxquant.SearchOptions(steps=s.search_steps, seed=s.seed)
-    plan = fxquant.search(float_model, (example,), train, budget, fxquant.QuantConfig(quantizer="dsq"),
-                          options=options, progress=progress)
+    start_model = copy.deepcopy(float_model)  # the search writes its training here when warm-starting
+    plan = fxquant.search(start_model, (example,), train, budget, fxquant.QuantConfig(quantizer="dsq"),
+                          options=options, progress=progress, update_weights=s.warm_start)
     timings["sdq_search_s"] = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
     plan.save(out_dir / "sdq_plan.json")
     plan.report(out_dir / "sdq_plan.png", title=f"SDQ plan, {s.avg_bits} avg weight bits, A{s.act_bits}")
-    name = f"SDQ avg W{s.avg_bits:g} A{s.act_bits}" + (" +EBR+KD" if s.ebr_kd else "")
+    name = f"SDQ avg W{s.avg_bits:g} A{s.act_bits}" + (" +EBR+KD" if s.ebr_kd else "") + (
+        "" if s.warm_start else " (cold)")
     t0 = time.perf_counter()
     qat_steps = s.qat_steps - s.search_steps
-    qmodel = qat(float_model, fxquant.QuantConfig(quantizer="dsq", plan=plan), train, qat_steps, s, progress,
-                 "sdq")
+    qmodel = qat(start_model, fxquant.QuantConfig(quantizer="dsq", plan=plan), train, qat_steps, s, progress,
+                 "sdq", teacher=float_model if s.ebr_kd else None)
     timings["sdq_qat_s"] = time.perf_counter() - t0
     rows.append({"method": name, "accuracy": evaluate(qmodel, test), "steps": s.qat_steps,
                  "search_steps": s.search_steps, **costs_of(qmodel)})
 
-    print(f"\n{'method':<26}{'avg W bits':>11}{'MBitOPs':>10}{'KB':>8}{'steps':>7}{'accuracy':>10}")
+    print(f"\n{'method':<30}{'avg W bits':>11}{'MBitOPs':>10}{'KB':>8}{'steps':>7}{'accuracy':>10}")
     for r in rows:
         if r["method"] == "float":
-            print(f"{'float ResNet-8':<26}{'32':>11}{'':>10}{'':>8}{'':>7}{r['accuracy']:>9.2f}%")
+            print(f"{'float ResNet-8':<30}{'32':>11}{'':>10}{'':>8}{'':>7}{r['accuracy']:>9.2f}%")
             continue
-        print(f"{r['method']:<26}{r['avg_weight_bits']:>11.3f}{r['bitops'] / 1e6:>10.1f}"
+        print(f"{r['method']:<30}{r['avg_weight_bits']:>11.3f}{r['bitops'] / 1e6:>10.1f}"
               f"{r['size_bytes'] / 1024:>8.1f}{r['steps']:>7}{r['accuracy']:>9.2f}%")
     sdq, u3, u4 = rows[-1]["accuracy"], rows[1]["accuracy"], rows[2]["accuracy"]
     verdict = {"sdq_ge_uniform3": sdq >= u3, "sdq_within_0.5_of_uniform4": sdq >= u4 - 0.5}
@@ -176,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--avg-bits", type=float, default=None)
     p.add_argument("--max-bits", type=int, default=None, help=f"bits the search starts from ({d.max_bits})")
     p.add_argument("--ebr-kd", action="store_true", help="SDQ's QAT with EBR and distillation from the float model")
+    p.add_argument("--cold-start", action="store_true",
+                   help="SDQ's QAT starts again from the float model instead of the search's weights")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy 2-core host)")
     p.add_argument("--out-dir", type=Path, default=Path("runs/bench_sdq"))
@@ -186,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "float_epochs": args.float_epochs, "qat_steps": args.qat_steps, "search_steps": args.search_steps,
         "train_subset": args.train_subset, "test_subset": args.test_subset, "avg_bits": args.avg_bits,
         "max_bits": args.max_bits, "seed": args.seed}.items() if v is not None}
-    s = replace(s, ebr_kd=args.ebr_kd, **changes)
+    s = replace(s, ebr_kd=args.ebr_kd, warm_start=not args.cold_start, **changes)
     if s.search_steps >= s.qat_steps:
         p.error("--search-steps must be below --qat-steps (the search is part of the same training budget)")
     if args.threads is not None:

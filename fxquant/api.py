@@ -32,13 +32,21 @@ def prepare(
 
         qmodel = fxquant.prepare(model, (x,), fxquant.QuantConfig(quantizer="dsq", weight_bits=4, act_bits=4))
     """
-    from fxquant.passes import fold_bn, fuse_bn_for_qat, insert_quantizers, trace
-
     config = config if config is not None else QuantConfig()
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a fxquant.QuantConfig, got {type(config).__name__}")
+    return prepare_owned(copy.deepcopy(model), example_inputs, config)
+
+
+def prepare_owned(
+    model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None, config: QuantConfig
+) -> fx.GraphModule:
+    """:func:`prepare` without the copy: the result shares ``model``'s layer, batch-norm and other leaf
+    modules (and so their parameters), which lets a caller that owns ``model`` read the training back."""
+    from fxquant.passes import fold_bn, fuse_bn_for_qat, insert_quantizers, trace
+
     training = model.training
-    gm = trace(copy.deepcopy(model), config.leaf_modules)
+    gm = trace(model, config.leaf_modules)
     if config.fold_bn == "qat":
         gm = fuse_bn_for_qat(gm)
     elif config.fold_bn == "inference":

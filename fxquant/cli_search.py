@@ -1,21 +1,25 @@
 """``fxquant search``: per-layer bitwidths under a budget (the SDQ search) -> BitwidthPlan JSON.
 
-    fxquant search --model fxquant.models:resnet_small --budget avg_bits=3 -o plan.json
-    fxquant prepare --model fxquant.models:resnet_small --plan plan.json -o prepared.ckpt
+    fxquant search --model fxquant.models:resnet_small --budget avg_bits=3 -o plan.json --weights-out searched.pt
+    fxquant prepare --model fxquant.models:resnet_small --weights searched.pt --plan plan.json -o prepared.ckpt
 
 ``--budget KEY=VALUE`` pairs become ``fxquant.Budget.from_dict({KEY: VALUE, ...})`` (values parsed as JSON
 when they can be), e.g. ``--budget avg_weight_bits=3 --budget min_bits=2``. A budget no plan can meet fails
 before any training, naming the lowest achievable cost. ``--config`` gives the base quantizer and the fixed
 layers (first/last bits, overrides). The search itself is :func:`fxquant.search`; where this installation
-lacks it, the command exits 1 and says so.
+lacks it, the command exits 1 and says so. ``--weights-out`` saves the float weights the search trained (a
+state dict, like ``--weights``), so that the training at the plan's bits continues from them.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from pathlib import Path
 from typing import Any
+
+import torch
 
 import fxquant
 from fxquant.cli_common import (
@@ -31,7 +35,7 @@ from fxquant.cli_common import (
 from fxquant.config import QuantConfig
 from fxquant.config_file import load_config_file
 from fxquant.data_source import DataSpec, data_location, open_data
-from fxquant.output_files import write_text_atomic
+from fxquant.output_files import write_bytes_atomic, write_text_atomic
 from fxquant.report import RunReport
 
 __all__ = ["COMMAND"]
@@ -56,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, help="search steps (default: one pass over the data)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: when stderr is a terminal)")
+    parser.add_argument("--weights-out", type=Path, metavar="PATH",
+                        help="also write the float weights the search trained (torch state dict, for --weights)")
     add_output_arguments(parser, "BitwidthPlan JSON to write")
 
 
@@ -77,9 +83,14 @@ def run(args: argparse.Namespace, report: RunReport) -> None:
     report.settings.update(budget=budget.to_dict(), config=config.to_dict(), options=options.to_dict())
     with report.phase("search"):
         plan = fxquant.search(model, (example,), train, budget=budget, config=config, options=options,
-                              progress=progress_enabled(args))
+                              progress=progress_enabled(args), update_weights=args.weights_out is not None)
     write_text_atomic(args.output, json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")
     report.add_output("plan", args.output)
+    if args.weights_out is not None:
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        write_bytes_atomic(args.weights_out, buffer.getvalue())
+        report.add_output("weights", args.weights_out)
     report.settings.update(data=data.to_dict())
     report.metrics.update(bits={k: list(v) for k, v in plan.bits.items()},
                           achieved=plan.metadata.get("achieved"), metric=plan.metadata.get("metric"))
@@ -90,6 +101,6 @@ COMMAND = PipelineCommand(
     name="search",
     add_arguments=add_arguments,
     run=run,
-    outputs=lambda args: [args.output],
+    outputs=lambda args: [args.output] + ([args.weights_out] if args.weights_out is not None else []),
     default_report=lambda args: sibling(args.output, ".report.json"),
 )

@@ -40,6 +40,7 @@ from fxquant.passes.sdq_search import (
 )
 from fxquant.plan import BitwidthPlan
 from fxquant.quantizers.sdq import StochasticBitwidthQuantizer
+from fxquant.weight_link import WeightLink
 
 __all__ = ["search", "search_report", "fixed_bits", "SearchOptions"]
 
@@ -105,8 +106,9 @@ def search(
     checkpoint_path: str | os.PathLike | None = None,
     progress: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    update_weights: bool = False,
 ) -> BitwidthPlan:
-    """Search per-layer bit-widths that meet ``budget``; ``model`` is not modified.
+    """Search per-layer bit-widths that meet ``budget``; ``model`` is not modified unless ``update_weights``.
 
     ``config`` gives the base quantizer and the fixed layers (``first_last_bits``, overrides, excludes);
     ``options`` is a :class:`~fxquant.passes.sdq_search.SearchOptions` (steps, interval, rates, penalty,
@@ -114,12 +116,18 @@ def search(
     ``lambda z, y, x: fxquant.losses.kd_loss(z, teacher(x))``. With ``checkpoint_path`` the search saves
     its state there and resumes from it (same arguments, same seed: the same plan as an uninterrupted run).
 
+    The search trains the weights along with the bit-width parameters. With ``update_weights=True`` that
+    training (weights, biases, batch-norm parameters and statistics, in float) is written into ``model``
+    once the search has succeeded, so that the training at the plan's bits continues from it instead of
+    starting again (the search's steps are then not lost to the weights). Needs ``fold_bn`` ``"qat"`` or
+    ``"none"``.
+
     Example::
 
         plan = fxquant.search(model, (x,), train_loader, fxquant.Budget(avg_weight_bits=3.0))
         qmodel = fxquant.prepare(model, (x,), fxquant.QuantConfig(quantizer="dsq", plan=plan))
     """
-    from fxquant.api import prepare
+    from fxquant.api import prepare_owned
 
     config = config if config is not None else QuantConfig()
     options = options if options is not None else SearchOptions()
@@ -134,7 +142,12 @@ def search(
     if example_inputs is None:
         raise ConfigError("search() needs example_inputs: the cost model is computed from traced shapes")
 
-    gm = prepare(model, example_inputs, _sdq_config(config, budget, options))
+    if not isinstance(update_weights, bool):
+        raise ConfigError(f"update_weights must be True or False, got {update_weights!r}")
+    link = WeightLink(model)
+    gm = prepare_owned(link.working, example_inputs, _sdq_config(config, budget, options))
+    if update_weights:
+        link.check_shared(gm)
     costs = layer_costs(gm)
     graph = layer_graph(gm)
     ties = tie_groups(gm, options.ties)
@@ -181,7 +194,10 @@ def search(
         "interval": result.interval,
         "base_quantizer": _sdq_config(config, budget, options).quantizer_options["base"],
     }
-    return BitwidthPlan({name: (int(w[name]), int(a[name])) for name in costs}, metadata)
+    plan = BitwidthPlan({name: (int(w[name]), int(a[name])) for name in costs}, metadata)
+    if update_weights:
+        link.write_back()
+    return plan
 
 
 # -- report -----------------------------------------------------------------------------------------------

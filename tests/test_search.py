@@ -407,3 +407,73 @@ def test_report_table_and_chart(tmp_path, capsys):
     assert f"achieved {plan.metadata['achieved']:.6g}" in text
     assert fxquant.search_report(plan, quiet=True) == text
     assert capsys.readouterr().out == ""
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_update_weights_writes_the_searchs_training_into_the_model():
+    model = tiny_res()
+    before = _state(model)
+    budget = Budget(avg_weight_bits=4.0)
+    plan = fxquant.search(model, _example(), _data(), budget, options=FAST, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # default: untouched
+
+    trained = fxquant.search(model, _example(), _data(), budget, options=FAST, progress=False, update_weights=True)
+    assert trained == plan  # writing back does not change the search
+    after = model.state_dict()
+    assert list(after) == list(before)  # no quantizer or DBP state leaks into the float model
+    for name in ("stem.weight", "a.weight", "fc.weight", "bna.weight", "bna.running_mean", "bnb.running_var"):
+        assert not torch.equal(after[name], before[name]), name
+    for name in ("bn0", "bna", "bnb", "bns"):  # the batch norms saw exactly the search's training steps
+        assert int(after[f"{name}.num_batches_tracked"]) == int(before[f"{name}.num_batches_tracked"]) + FAST.steps
+    assert all(torch.isfinite(v).all() for v in after.values())
+    # the search's first step starts from the model's weights: they moved by SGD steps, not to new values
+    drift = (after["b.weight"] - before["b.weight"]).norm() / before["b.weight"].norm()
+    assert 0 < float(drift) < 0.2
+
+
+def test_update_weights_leaves_the_model_alone_when_the_search_fails():
+    class Failing:
+        def __init__(self):
+            self.batches = _data()
+
+        def __iter__(self):
+            yield self.batches[0]
+            yield self.batches[1]
+            raise RuntimeError("loader died")
+
+    model = tiny_res()
+    before = _state(model)
+    with pytest.raises(RuntimeError, match="loader died"):
+        fxquant.search(model, _example(), Failing(), Budget(avg_weight_bits=4.0), options=FAST, progress=False,
+                       update_weights=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_update_weights_refuses_inference_folding_before_training():
+    class NoData:
+        def __iter__(self):
+            raise AssertionError("must fail before training")
+
+    config = fxquant.QuantConfig(quantizer="dsq", fold_bn="inference")
+    with pytest.raises(ConfigError, match=r"cannot write the trained weights back.*stem\.layer\.weight.*fold_bn='qat'"):
+        fxquant.search(tiny_res().eval(), _example(), NoData(), Budget(avg_weight_bits=4.0), config, FAST,
+                       progress=False, update_weights=True)
+    with pytest.raises(ConfigError, match="update_weights must be True or False"):
+        fxquant.search(tiny_res(), _example(), NoData(), Budget(avg_weight_bits=4.0), options=FAST, progress=False,
+                       update_weights="yes")
+
+
+def test_update_weights_on_a_traced_model():
+    from fxquant.passes import trace
+
+    model = trace(tiny_res())  # a GraphModule: the passes rewrite the copy's module tree in place
+    before = _state(model)
+    fxquant.search(model, _example(), _data(), Budget(avg_weight_bits=4.0), options=FAST, progress=False,
+                   update_weights=True)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert int(after["bnb.num_batches_tracked"]) == int(before["bnb.num_batches_tracked"]) + FAST.steps
+    assert not torch.equal(after["c.weight"], before["c.weight"])

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fxquant.checkpoint import read_checkpoint
 from fxquant.data import FASHION_MNIST_DIR
@@ -160,17 +161,22 @@ def test_same_inputs_give_identical_checkpoints_and_reports(run_dir: Path, tmp_p
 
 def test_search_writes_a_plan_within_budget_that_prepare_applies(tmp_path: Path) -> None:
     ok(fxquant(tmp_path, "search", "--model", MODEL, "--budget", "avg_weight_bits=3", "--train-subset", "64",
-               "--batch-size", "16", "--steps", "6", "--no-progress", "-o", "plan.json"))
+               "--batch-size", "16", "--steps", "6", "--no-progress", "-o", "plan.json",
+               "--weights-out", "searched.pt"))
     plan = report(tmp_path / "plan.json")
     run = report(tmp_path / "plan.json.report.json")
     assert run["exit_status"] == 0 and run["metrics"]["achieved"] <= 3.0
+    assert set(run["outputs"]) == {"plan", "weights"}
+    searched = torch.load(tmp_path / "searched.pt", weights_only=True)
+    counts = {k: int(v) for k, v in searched.items() if k.endswith("num_batches_tracked")}
+    assert counts and set(counts.values()) == {6}  # every batch norm trained through the 6 search steps
     assert run["metrics"]["bits"] == plan["bits"]
     weight_bits = {name: wa[0] for name, wa in plan["bits"].items()}
     assert weight_bits["conv1"] == 8 and weight_bits["fc"] == 8  # first/last layers stay at 8 by default
     assert min(weight_bits.values()) < 8  # the budget forced the inner layers down
     (tmp_path / "quant.yaml").write_text(CONFIG)
     ok(fxquant(tmp_path, "prepare", "--model", MODEL, "--config", "quant.yaml", "--plan", "plan.json",
-               "--calibration-batch", "8", "-o", "planned.ckpt"))
+               "--weights", "searched.pt", "--calibration-batch", "8", "-o", "planned.ckpt"))
     ok(fxquant(tmp_path, "inspect", "planned.ckpt", "--json", "layers.json"))
     layers = {row["name"]: row for row in report(tmp_path / "layers.json")["layers"]}
     assert {name: row["weight_bits"] for name, row in layers.items()} == weight_bits
