@@ -14,12 +14,9 @@ state dict, like ``--weights``), so that the training at the plan's bits continu
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from pathlib import Path
 from typing import Any
-
-import torch
 
 import fxquant
 from fxquant.cli_common import (
@@ -35,7 +32,7 @@ from fxquant.cli_common import (
 from fxquant.config import QuantConfig
 from fxquant.config_file import load_config_file
 from fxquant.data_source import DataSpec, data_location, open_data
-from fxquant.output_files import write_bytes_atomic, write_text_atomic
+from fxquant.output_files import torch_save_atomic, write_text_atomic
 from fxquant.report import RunReport
 
 __all__ = ["COMMAND"]
@@ -87,9 +84,7 @@ def run(args: argparse.Namespace, report: RunReport) -> None:
     write_text_atomic(args.output, json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")
     report.add_output("plan", args.output)
     if args.weights_out is not None:
-        buffer = io.BytesIO()
-        torch.save(model.state_dict(), buffer)
-        write_bytes_atomic(args.weights_out, buffer.getvalue())
+        torch_save_atomic(args.weights_out, model.state_dict())
         report.add_output("weights", args.weights_out)
     report.settings.update(data=data.to_dict())
     report.metrics.update(bits={k: list(v) for k, v in plan.bits.items()},

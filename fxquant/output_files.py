@@ -8,6 +8,7 @@ Content hashes (:func:`sha256_path`) let reports tie each output to the exact in
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -20,6 +21,7 @@ __all__ = [
     "check_writable",
     "write_bytes_atomic",
     "write_text_atomic",
+    "torch_save_atomic",
     "sha256_path",
 ]
 
@@ -64,6 +66,15 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def torch_save_atomic(path: str | os.PathLike, obj: object) -> None:
+    """``torch.save(obj, path)``, atomically (:func:`write_bytes_atomic`)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def _chunks(path: Path) -> Iterator[bytes]:

@@ -27,12 +27,12 @@ class WeightLink:
         self.target = model
         self.working = copy.deepcopy(model)
         # taken before tracing: passes may rewrite a GraphModule's tree, never the leaf modules it shares
-        self._modules = dict(self.working.named_modules())
+        self._modules_by_name = dict(self.working.named_modules())
 
     def check_shared(self, gm: fx.GraphModule) -> None:
         """Raise when a trained parameter of ``gm`` (outside the quantizers) is not the working copy's own,
         e.g. weights folded into new tensors (``fold_bn="inference"``): writing back would lose them."""
-        known = {id(p) for m in self._modules.values() for p in m.parameters(recurse=False)}
+        known = {id(p) for m in self._modules_by_name.values() for p in m.parameters(recurse=False)}
         known |= {id(p) for m in gm.modules() if isinstance(m, Quantizer) for p in m.parameters()}
         foreign = [name for name, p in gm.named_parameters() if id(p) not in known]
         if foreign:
@@ -43,10 +43,9 @@ class WeightLink:
             )
 
     @torch.no_grad()
-    def write_back(self) -> int:
-        """Copy every parameter and buffer of the working copy into the model; returns the tensors copied."""
-        copied = 0
-        for name, source in self._modules.items():
+    def write_back(self) -> None:
+        """Copy every parameter and buffer of the working copy into the model."""
+        for name, source in self._modules_by_name.items():
             dest = self.target.get_submodule(name) if name else self.target
             for table in ("_parameters", "_buffers"):
                 for key, value in getattr(source, table).items():
@@ -54,5 +53,3 @@ class WeightLink:
                     if value is None or old is None:
                         continue
                     old.copy_(value.detach().to(old.device))
-                    copied += 1
-        return copied

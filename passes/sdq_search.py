@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from fxquant.budget import Budget
 from fxquant.errors import BudgetError, CheckpointError, ConfigError, NumericsError
+from fxquant.output_files import torch_save_atomic
 from fxquant.passes.cost_model import LayerCost, expected_bits, plan_cost
 from fxquant.passes.insert_quant import quant_layer_nodes
 from fxquant.passes.layer_graph import TiePolicy, Ties
@@ -460,12 +461,6 @@ def _fingerprint(units: Sequence[Unit], budget: Budget, options: SearchOptions, 
     }
 
 
-def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
 def _load_checkpoint(path: Path, fingerprint: dict) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -542,7 +537,7 @@ def run_search(
     def save(done: int) -> None:
         if path is None:
             return
-        _save_checkpoint(path, {
+        torch_save_atomic(path, {
             "format": CHECKPOINT_FORMAT,
             "fingerprint": fingerprint,
             "step": done,
