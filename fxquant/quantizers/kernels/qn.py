@@ -36,9 +36,12 @@ QN_SUMS = 2  # Σ g·x·D, Σ g·out
 GEOMETRIC_MAX_STEP = 50.0
 
 
+_FORWARD_NAMES = {True: "qn_even_forward_geometric", False: "qn_even_forward"}  # by ``geometric``
+
+
 def forward_kernel(temperature: float, gap: float) -> str:
     """The forward variant :func:`qn_even_forward` runs for this temperature and threshold gap."""
-    return "qn_even_forward_geometric" if temperature * gap <= GEOMETRIC_MAX_STEP else "qn_even_forward"
+    return _FORWARD_NAMES[temperature * gap <= GEOMETRIC_MAX_STEP]
 
 
 def qn_even_forward(
@@ -89,7 +92,7 @@ def _build_forward(geometric: bool):
              "top", "clamp", "outside_slope", "gain", "ratio", "exp_low", "exp_high")
     with IRBuilder() as ib:
         with T.prim_func():
-            T.func_name("qn_even_forward_geometric" if geometric else "qn_even_forward")
+            T.func_name(_FORWARD_NAMES[geometric])
             blocks = tirx.Var("blocks", "int64")
             x, out, derivative = block_args(T, blocks, ("x", "out", "derivative"))
             (alpha, beta, q0, b0, gap, reach, last_first, t_gap, height, top, clamp, outside, gain, ratio, exp_low,
@@ -128,8 +131,8 @@ def _build_forward(geometric: bool):
     return ib.get()
 
 
-register_kernel("qn_even_forward")(functools.partial(_build_forward, False))
-register_kernel("qn_even_forward_geometric")(functools.partial(_build_forward, True))
+for _geometric, _name in _FORWARD_NAMES.items():
+    register_kernel(_name)(functools.partial(_build_forward, _geometric))
 
 
 @register_kernel("qn_even_backward")
