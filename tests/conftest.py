@@ -12,6 +12,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _kernel_cost_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One kernel-timing cache for the whole run, never the user's (a test must not depend on an old cache)."""
+    import os
+
+    old = os.environ.get("FXQUANT_CACHE_DIR")
+    os.environ["FXQUANT_CACHE_DIR"] = str(tmp_path_factory.mktemp("fxquant-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FXQUANT_CACHE_DIR", None)
+    else:
+        os.environ["FXQUANT_CACHE_DIR"] = old
+
+
 def calibrate_bn(model: nn.Module, shape: tuple[int, ...], batches: int = 2) -> nn.Module:
     """Give batch norms realistic running statistics (random-init nets otherwise collapse in eval)."""
     model.train()

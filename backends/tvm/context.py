@@ -52,6 +52,8 @@ class LoweringContext:
     target: tvm.target.Target
     options: TvmOptions
     bitserial: ModuleType | None
+    cost: Any = None  # a cost model from fxquant.backends.tvm.cost (HostTimer or StaticModel)
+    prior: Any = None  # the static model that orders (and prunes) what ``cost`` times, or None
     env: dict[fx.Node, Any] = field(default_factory=dict)
     layers: list[LayerRecord] = field(default_factory=list)
     accumulators: list[tuple[str, relax.Expr]] = field(default_factory=list)
@@ -82,6 +84,10 @@ class LoweringContext:
         if key not in self._cache:
             self._cache[key] = build()
         return self._cache[key]
+
+    def once(self, key: Any, build: Callable[[], T]) -> Callable[[], T]:
+        """``build`` made lazy and run at most once (a candidate is built only if timed or chosen)."""
+        return lambda: self.cached(key, build)
 
     def add_kernel(self, func: tirx.PrimFunc, name: str, key: Any = None) -> tvm.ir.GlobalVar:
         """Add a scheduled PrimFunc once (by ``key``); opaque so fusion leaves its schedule alone."""

@@ -17,7 +17,10 @@ from tvm import s_tir, te, tirx
 
 from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry
 
-__all__ = ["DirectKernel", "direct_conv2d", "direct_dense", "OC_BLOCK"]
+__all__ = ["DirectKernel", "direct_conv2d", "direct_dense", "OC_BLOCK", "DIRECT_VERSION"]
+
+#: bumped whenever the generated code changes (cached timings of older kernels are not reused)
+DIRECT_VERSION = "direct-1"
 
 #: output channels per vector: one AVX2 register of int32/float32, two NEON registers
 OC_BLOCK = 8

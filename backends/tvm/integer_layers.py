@@ -18,9 +18,19 @@ from tvm import relax
 
 from fxquant.backends.tvm import integer_ops
 from fxquant.backends.tvm.context import Converter, LayerRecord, LoweringContext
-from fxquant.backends.tvm.direct import direct_conv2d, direct_dense
+from fxquant.backends.tvm.cost import KernelPlan
+from fxquant.backends.tvm.direct import DIRECT_VERSION, direct_conv2d, direct_dense
 from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry, conv_geometry
-from fxquant.backends.tvm.selection import KernelChoice, select_kernel, weight_storage_dtype
+from fxquant.backends.tvm.kernels.dot import KERNEL_VERSION as DOT_VERSION
+from fxquant.backends.tvm.kernels.dot import dot_conv2d, dot_dense, select_dot_isa
+from fxquant.backends.tvm.selection import (
+    bitserial_problem,
+    choose_kernel,
+    dot_problem,
+    forced_kernel,
+    value_ranges,
+    weight_storage_dtype,
+)
 from fxquant.errors import BackendError
 from fxquant.integer import IntegerConv2d, IntegerLayer, IntegerLinear
 
@@ -80,26 +90,69 @@ def _rescale_constants(layer: IntegerLayer, input_shape: tuple[int, ...], acc_ra
     return scale.numpy().astype(np.float32), const.numpy().astype(np.float32)
 
 
-def _direct_kernel(ctx: LoweringContext, layer: IntegerLayer, geom: Any) -> tuple[Any, np.ndarray, Any]:
+def _direct_plan(ctx: LoweringContext, layer: IntegerLayer, geom: ConvGeometry | DenseGeometry) -> KernelPlan:
     weight_dtype = weight_storage_dtype(layer)
     key = ("direct", geom, weight_dtype)
     build = direct_conv2d if isinstance(geom, ConvGeometry) else direct_dense
-    kernel = ctx.cached(key, lambda: build(geom, "int32", weight_dtype, "int32"))
-    packed = kernel.pack(layer.weight_int.detach().cpu().numpy())
-    op = "conv2d" if isinstance(geom, ConvGeometry) else "dense"
-    gv = ctx.add_kernel(kernel.func, f"direct_int_{op}_{kernel.layout.replace('-', '_')}", key)
-    return gv, packed, kernel
+
+    def plan() -> tuple[Any, np.ndarray]:
+        kernel = ctx.cached(key, lambda: build(geom, "int32", weight_dtype, "int32"))
+        return kernel.func, kernel.pack(layer.weight_int.detach().cpu().numpy())
+
+    layout = "oc-vector" if isinstance(geom, DenseGeometry) or geom.groups == 1 or (
+        geom.out_channels // geom.groups) % 8 == 0 else "row-vector"
+    return KernelPlan("direct", layout, DIRECT_VERSION, ctx.once(("plan",) + key + (layer.name,), plan))
 
 
-def _bitserial_kernel(ctx: LoweringContext, layer: IntegerLayer, shape: tuple[int, ...]) -> tuple[Any, np.ndarray]:
+def _dot_plan(ctx: LoweringContext, layer: IntegerLayer, geom: ConvGeometry | DenseGeometry) -> KernelPlan:
+    kernel_w = geom.kernel[1] if isinstance(geom, ConvGeometry) else 1
+    channels = geom.in_channels if isinstance(geom, ConvGeometry) else geom.in_features
+    isa = select_dot_isa(ctx.target, *value_ranges(layer), kernel_w, channels)
+    key = ("dot", geom, isa.name)
+    build = dot_conv2d if isinstance(geom, ConvGeometry) else dot_dense
+
+    def plan() -> tuple[Any, np.ndarray]:
+        kernel = ctx.cached(key, lambda: build(geom, isa))
+        return kernel.func, kernel.pack(layer.weight_int.detach().cpu().numpy().astype(np.int64))
+
+    return KernelPlan("dot", isa.name, DOT_VERSION, ctx.once(("plan",) + key + (layer.name,), plan))
+
+
+def _bitserial_plan(ctx: LoweringContext, layer: IntegerLayer, shape: tuple[int, ...]) -> KernelPlan:
     module = ctx.bitserial
     assert module is not None
-    if isinstance(layer, IntegerConv2d):
-        func = module.conv2d_primfunc(layer, tuple(shape), ctx.target)
+    isa = module.select_isa(ctx.target).name if hasattr(module, "select_isa") else "bitserial"
+
+    def plan() -> tuple[Any, np.ndarray]:
+        if isinstance(layer, IntegerConv2d):
+            func = module.conv2d_primfunc(layer, tuple(shape), ctx.target)
+        else:
+            func = module.dense_primfunc(layer, tuple(shape), ctx.target)
+        return func, np.ascontiguousarray(module.pack_weights(layer))
+
+    version = getattr(module, "KERNEL_VERSION", "bitserial")
+    return KernelPlan("bitserial", isa, version, ctx.once(("plan", "bitserial", layer.name, shape), plan))
+
+
+def _candidates(
+    ctx: LoweringContext, layer: IntegerLayer, geom: ConvGeometry | DenseGeometry, shape: tuple[int, ...]
+) -> tuple[dict[str, KernelPlan], dict[str, str]]:
+    """Every exact kernel for this layer (cheapest-first order does not matter) and why the others are out."""
+    plans: dict[str, KernelPlan] = {}
+    declined: dict[str, str] = {}
+    why = bitserial_problem(layer, enabled=ctx.options.bitserial, max_bits=ctx.options.bitserial_max_bits,
+                            module=ctx.bitserial)
+    if why is None:
+        plans["bitserial"] = _bitserial_plan(ctx, layer, shape)
     else:
-        func = module.dense_primfunc(layer, tuple(shape), ctx.target)
-    packed = np.ascontiguousarray(module.pack_weights(layer))
-    return ctx.add_kernel(func, f"bitserial_{_safe(layer.name)}"), packed
+        declined["bitserial"] = why
+    why = dot_problem(layer)
+    if why is None:
+        plans["dot"] = _dot_plan(ctx, layer, geom)
+    else:
+        declined["dot"] = why
+    plans["direct"] = _direct_plan(ctx, layer, geom)
+    return plans, declined
 
 
 def _emit_integer_layer(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
@@ -119,31 +172,36 @@ def _emit_integer_layer(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
             raise BackendError(f"layer {layer.name}: expects a (N, {layer.input_channels}) input, got shape {shape}")
         geom = DenseGeometry(shape[0], shape[1], int(layer.weight_int.shape[0]))
     values = _quantize(ctx, layer, x)
-    choice: KernelChoice = select_kernel(
-        layer, enabled=ctx.options.bitserial, max_bits=ctx.options.bitserial_max_bits, module=ctx.bitserial
-    )
-    if choice.kind == "bitserial":
-        gv, packed = _bitserial_kernel(ctx, layer, shape)
-        layout = "bitserial"
-    else:
-        gv, packed, kernel = _direct_kernel(ctx, layer, geom)
-        layout = kernel.layout
+    name = layer.name or node.name
+    plans, declined = _candidates(ctx, layer, geom, shape)
+    forced = forced_kernel(ctx.options.kernel, name)
+    prior = ctx.prior.cost_us if ctx.prior is not None else None
+    choice = choose_kernel(name, plans, declined, forced, lambda plan: ctx.cost.cost_us(plan, layer, geom),
+                           ctx.cost.name, None if prior is None else lambda plan: prior(plan, layer, geom))
+    plan = choice.plan
+    assert plan is not None
+    func, packed = plan.build()
+    gv = ctx.add_kernel(func, f"{plan.kind}_{_safe(name)}")
     out_info = relax.TensorType(geom.output_shape, "int32")
     acc = ctx.bb.emit(relax.call_tir(gv, [values, relax.const(packed)], out_info))
     if ctx.options.debug_accumulators:
-        ctx.accumulators.append((layer.name or node.name, acc))
+        ctx.accumulators.append((name, acc))
     scale, const = _rescale_constants(layer, shape, len(geom.output_shape))
     hint = f"rescale_{_safe(layer.name)}"
     out = ctx.bb.emit_te(integer_ops.rescale, acc, relax.const(scale), relax.const(const), primfunc_name_hint=hint)
     facts = {
         **layer.describe(),
-        "layout": layout,
+        "layout": plan.detail,
         "macs": geom.macs,
         "input_shape": list(shape),
         "output_shape": list(geom.output_shape),
         "weight_scale": [float(v) for v in layer.weight_scale.tolist()],
+        "kernel_costs_us": choice.costs_us,
+        "cost_model": ctx.cost.name,
     }
-    ctx.layers.append(LayerRecord(layer.name or node.name, type(layer).__name__, choice.kind, choice.reason, facts))
+    if choice.kind in choice.costs_us:
+        facts["estimate_us"] = choice.costs_us[choice.kind]
+    ctx.layers.append(LayerRecord(name, type(layer).__name__, choice.kind, choice.reason, facts))
     return out
 
 

@@ -19,9 +19,11 @@ from tvm import relax
 
 from fxquant.backends.tvm import elementwise, float_layers, integer_layers, structure
 from fxquant.backends.tvm.context import Converter, LayerRecord, LoweringContext, node_label
+from fxquant.backends.tvm.cost import HostTimer, StaticModel
 from fxquant.backends.tvm.options import TvmOptions
 from fxquant.backends.tvm.selection import bitserial_module
 from fxquant.errors import BackendError, UnsupportedOpError
+from fxquant.tvm_threads import default_threads
 
 __all__ = [
     "MODULE_CONVERTERS",
@@ -205,7 +207,14 @@ def lower_graph(gm: fx.GraphModule, options: TvmOptions, target: tvm.target.Targ
         if spec.dtype != "float32":
             raise BackendError(f"input {spec.name!r}: dtype {spec.dtype} is not supported (only float32)")
     bb = relax.BlockBuilder()
-    ctx = LoweringContext(bb, dict(gm.named_modules()), target, options, bitserial_module())
+    threads = options.num_threads or default_threads()
+    static = StaticModel(target, threads, getattr(options, "cpu", None))
+    if options.cost_model == "measure":
+        cost: HostTimer | StaticModel = HostTimer(target, threads)
+        prior: StaticModel | None = static
+    else:
+        cost, prior = static, None
+    ctx = LoweringContext(bb, dict(gm.named_modules()), target, options, bitserial_module(), cost, prior)
     params = [relax.Var(s.name, relax.TensorType(s.shape, s.dtype)) for s in inputs]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     ctx.env.update(zip(placeholders, params, strict=True))

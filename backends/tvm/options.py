@@ -12,10 +12,34 @@ import torch
 from fxquant.config import reject_unknown_fields
 from fxquant.errors import ConfigError
 
-__all__ = ["TvmOptions", "ArmOptions", "DEFAULT_BITSERIAL_MAX_BITS"]
+__all__ = ["TvmOptions", "ArmOptions", "DEFAULT_BITSERIAL_MAX_BITS", "KERNELS", "COST_MODELS", "ARM_CPUS"]
 
-#: above this many bits (weights or activations) the bit-serial kernel does more bit-plane pairs than pays off
-DEFAULT_BITSERIAL_MAX_BITS = 4
+#: above this many bits (weights or activations) the bit-serial kernel is never offered (8 allows every layer:
+#: the cost model then decides where bit-serial pays off)
+DEFAULT_BITSERIAL_MAX_BITS = 8
+#: integer-layer kernel families: "auto" lets the cost model pick the cheapest exact one per layer
+KERNELS = ("auto", "bitserial", "dot", "direct")
+#: how "auto" ranks kernels: "measure" times each candidate on this host (cached on disk), "model" uses the
+#: static instruction-throughput model of the target (the only choice for a target this host cannot run)
+COST_MODELS = ("measure", "model")
+#: named aarch64 cores for "tvm-arm" (LLVM -mcpu and features); "generic" is any ARMv8-A core with NEON
+ARM_CPUS = ("generic", "cortex-a53", "cortex-a72", "cortex-a76", "neoverse-n1")
+
+
+def _check_kernel_choice(value: Any) -> Any:
+    """``kernel`` is one family for every layer, or ``{layer name or glob: family}`` (unlisted layers: auto)."""
+    if isinstance(value, str):
+        if value not in KERNELS:
+            raise ConfigError(f"kernel={value!r} is invalid: expected one of {', '.join(KERNELS)} or a dict")
+        return value
+    if isinstance(value, Mapping):
+        for key, kind in value.items():
+            if not isinstance(key, str) or not key:
+                raise ConfigError(f"kernel: layer key {key!r} is invalid: expected a layer name or glob")
+            if kind not in KERNELS:
+                raise ConfigError(f"kernel[{key!r}]={kind!r} is invalid: expected one of {', '.join(KERNELS)}")
+        return dict(value)
+    raise ConfigError(f"kernel={value!r} is invalid: expected one of {', '.join(KERNELS)} or a dict")
 
 
 @dataclass(frozen=True)
@@ -25,7 +49,9 @@ class TvmOptions:
     ``example_inputs`` fixes the input shapes when the graph carries no ``tensor_meta``; ``bitserial_max_bits``
     is the largest weight/activation bitwidth sent to the bit-serial kernel; ``bitserial=False`` turns that
     kernel off; ``debug_accumulators`` adds every integer layer's int32 accumulator as an extra output;
-    ``target`` replaces (key by key) the target dict the backend picks.
+    ``target`` replaces (key by key) the target dict the backend picks. ``kernel`` forces a kernel family
+    globally or per layer (``{"layer4.*": "dot"}``); ``cost_model`` says how ``"auto"`` ranks them;
+    ``num_threads`` sets the compiled module's thread pool (default: every core).
     """
 
     example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None
@@ -33,6 +59,9 @@ class TvmOptions:
     bitserial: bool = True
     debug_accumulators: bool = False
     target: Mapping[str, Any] | None = None
+    kernel: str | Mapping[str, str] = "auto"
+    cost_model: str = "measure"
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         bits = self.bitserial_max_bits
@@ -41,6 +70,12 @@ class TvmOptions:
         for flag in ("bitserial", "debug_accumulators"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag}={getattr(self, flag)!r} is invalid: expected True or False")
+        object.__setattr__(self, "kernel", _check_kernel_choice(self.kernel))
+        if self.cost_model not in COST_MODELS:
+            raise ConfigError(f"cost_model={self.cost_model!r} is invalid: expected one of {', '.join(COST_MODELS)}")
+        threads = self.num_threads
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ConfigError(f"num_threads={threads!r} is invalid: expected a positive integer or None")
         if self.target is not None and not isinstance(self.target, Mapping):
             raise ConfigError(f"target={self.target!r} is invalid: expected a dict such as {{'kind': 'llvm'}}")
         inputs = self.example_inputs
@@ -59,13 +94,21 @@ class TvmOptions:
 
 @dataclass(frozen=True)
 class ArmOptions(TvmOptions):
-    """``"tvm-arm"`` adds where to write the artifact folder and whether an existing one may be replaced."""
+    """``"tvm-arm"`` adds where to write the artifact folder, whether an existing one may be replaced, and the
+    core to generate code for (``cpu``: LLVM's scheduling model and features such as ``+dotprod``). Its
+    kernel choice always uses the static model: this host cannot time aarch64 code."""
 
     output_dir: str | Path | None = None
     force: bool = False
+    cpu: str = "generic"
+    cost_model: str = "model"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.cpu not in ARM_CPUS:
+            raise ConfigError(f"cpu={self.cpu!r} is invalid: expected one of {', '.join(ARM_CPUS)}")
+        if self.cost_model != "model":
+            raise ConfigError("backend 'tvm-arm': cost_model must be 'model' (aarch64 code cannot be timed here)")
         if self.output_dir is None or str(self.output_dir) == "":
             raise ConfigError("backend 'tvm-arm' needs output_dir=PATH (the artifact folder to write)")
         if not isinstance(self.output_dir, str | Path):

@@ -13,6 +13,7 @@ from tvm import relax
 from fxquant.backends.tvm.lower import TensorSpec
 from fxquant.backends.tvm.manifest import report
 from fxquant.errors import BackendError, InputError
+from fxquant.tvm_threads import default_threads, ensure_pool_size
 
 __all__ = ["TvmModule", "check_inputs"]
 
@@ -41,8 +42,10 @@ class TvmModule(nn.Module):
     """
 
     def __init__(self, executable: tvm.runtime.Executable, manifest: dict[str, Any], inputs: list[TensorSpec],
-                 outputs: list[TensorSpec], output_is_tuple: bool, accumulators: list[TensorSpec]):
+                 outputs: list[TensorSpec], output_is_tuple: bool, accumulators: list[TensorSpec],
+                 num_threads: int | None = None):
         super().__init__()
+        self.num_threads = num_threads or default_threads()
         self.executable = executable
         self.manifest = manifest
         self._inputs, self._outputs, self._tuple, self._accs = inputs, outputs, output_is_tuple, accumulators
@@ -56,6 +59,7 @@ class TvmModule(nn.Module):
     def _run(self, inputs: tuple[Any, ...]) -> list[torch.Tensor]:
         check_inputs(self._inputs, inputs)
         args = [tvm.runtime.tensor(np.ascontiguousarray(x.detach().cpu().numpy())) for x in inputs]
+        ensure_pool_size(self.num_threads)
         result = self._main(*args)
         items = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
         expected = len(self._outputs) + len(self._accs)

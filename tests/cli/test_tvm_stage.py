@@ -62,3 +62,29 @@ def test_arm_artifact_folder_is_checked_for_integrity(workdir: Path, capsys) -> 
     library.write_bytes(library.read_bytes()[:1000])
     assert main(["verify", "art", "--reference", "q.ckpt", "--integrity-only", "--force"]) == 1
     assert "truncated or corrupted" in capsys.readouterr().err
+
+
+def test_convert_passes_kernel_options_to_the_backend(workdir: Path, capsys) -> None:
+    args = ["convert", "q.ckpt", "--backend", "tvm-llvm", "-o", "host.json", "--num-threads", "1",
+            "--kernel", "conv1=direct,dw=direct,*=dot", "--cost-model", "model"]
+    assert main(args) == 0
+    manifest = json.loads(Path("host.json").read_text())
+    assert manifest["options"]["kernel"] == {"conv1": "direct", "dw": "direct", "*": "dot"}
+    assert manifest["options"]["num_threads"] == 1 and manifest["options"]["cost_model"] == "model"
+    kernels = {e["name"]: e["kernel"] for e in manifest["layers"]}
+    assert kernels["conv1"] == "direct" and kernels["fc"] == "dot"
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--backend", "torch", "--kernel", "dot"], "--kernel: only for the TVM backends, not --backend torch"),
+        (["--backend", "tvm-llvm", "--kernel", "conv1=,x"], "--kernel 'conv1=,x': expected FAMILY or LAYER=FAMILY"),
+        (["--backend", "tvm-llvm", "--kernel", "fastest"], "kernel='fastest' is invalid"),
+        (["--backend", "tvm-arm", "--cpu", "cortex-x9"], "cpu='cortex-x9' is invalid"),
+    ],
+)
+def test_convert_rejects_bad_kernel_options(workdir: Path, capsys, extra: list[str], message: str) -> None:
+    assert main(["convert", "q.ckpt", "-o", "out", *extra]) == 1
+    assert message in capsys.readouterr().err
+    assert not Path("out").exists()

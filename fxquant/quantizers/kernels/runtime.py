@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fxquant.tvm_threads import ensure_pool_size
+
 __all__ = [
     "CALLS", "KERNEL_BLOCK", "LANES", "register_kernel", "kernels_enabled", "call_kernel", "as_blocks", "tvm_tensor",
     "block_args", "scalar_args", "VectorOps",
@@ -86,32 +88,11 @@ def scalar_args(T, names: tuple[str, ...], dtype: str = F32) -> list:
     return [T.arg(n, tirx.Var(n, dtype)) for n in names]
 
 
-_pool_threads: list[int] = []  # the TVM pool size last set: it follows torch.get_num_threads()
-
-
 def call_kernel(name: str, *args) -> None:
     """Run kernel ``name``; tensor arguments must already be TVM tensors (:func:`as_blocks`)."""
-    import tvm
-
-    threads = torch.get_num_threads()
-    if _pool_threads != [threads]:
-        _resize_pool(tvm, threads)
-        _pool_threads[:] = [threads]
+    ensure_pool_size(torch.get_num_threads())
     _compiled(name)(*args)
     CALLS[name] += 1
-
-
-def _resize_pool(tvm, threads: int) -> None:
-    """``threads`` TVM workers sharing the process's CPUs, leaving the calling thread's affinity as it was.
-
-    TVM's default modes pin the calling thread to one core (the whole training process would then run on
-    it); mode -3 (threads share the given cores) does not, and the affinity is restored in any case.
-    """
-    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    cpus = sorted(affinity) if affinity else range(os.cpu_count() or 1)
-    tvm.get_global_func("runtime.config_threadpool")(-3, threads, [str(c) for c in cpus])
-    if affinity and os.sched_getaffinity(0) != affinity:
-        os.sched_setaffinity(0, affinity)
 
 
 @functools.cache

@@ -16,12 +16,16 @@ def test_weight_and_activation_bits_grid(bits: int) -> None:
     x = torch.randn(2, 3, 16, 16)
     q = quantized(ResidualNet(width=8), x, weight_bits=bits, act_bits=bits, first_last_bits=None)
     ref = fxquant.convert(q, backend="torch")
-    mod = fxquant.convert(q, backend="tvm-llvm", debug_accumulators=True)
+    forced = {"dw": "direct", "*": "bitserial"} if bitserial_module() is not None else "auto"
+    mod = fxquant.convert(q, backend="tvm-llvm", debug_accumulators=True, kernel=forced)
     assert_matches_reference(mod, ref, x)
     kernels = {e["name"]: e["kernel"] for e in mod.manifest["layers"]}
     if bitserial_module() is not None:
         assert kernels["stem.0"] == "bitserial" and kernels["head"] == "bitserial"
-        assert kernels["dw"] in ("int8", "int32")  # grouped: the direct kernel
+        assert kernels["dw"] == "direct"  # grouped: the direct kernel
+    dot = fxquant.convert(q, backend="tvm-llvm", debug_accumulators=True, kernel={"dw": "direct", "*": "dot"})
+    assert_matches_reference(dot, ref, x)
+    assert {e["kernel"] for e in dot.manifest["layers"] if e["name"] != "dw"} == {"dot"}
 
 
 @pytest.mark.parametrize("quantizer", ["lsq", "qn", "lcq"])
@@ -34,12 +38,13 @@ def test_quantizer_families(quantizer: str) -> None:
     assert_matches_reference(mod, ref, x)
 
 
-def test_direct_kernels_only() -> None:
-    """``bitserial=False`` sends every integer layer to the direct int kernel, with that reason."""
+def test_without_bitserial() -> None:
+    """``bitserial=False`` leaves the dot-product and direct kernels, and says so for every layer."""
     x = torch.randn(2, 3, 16, 16)
     q = quantized(ResidualNet(width=8), x, weight_bits=2, act_bits=2)
     ref = fxquant.convert(q, backend="torch")
     mod = fxquant.convert(q, backend="tvm-llvm", debug_accumulators=True, bitserial=False)
     assert_matches_reference(mod, ref, x)
-    assert all(e["kernel"] in ("int8", "int32") for e in mod.manifest["layers"])
-    assert all("bitserial=False" in e["reason"] for e in mod.manifest["layers"])
+    assert all(e["kernel"] in ("dot", "direct") for e in mod.manifest["layers"])
+    assert all("no bitserial: bit-serial kernel disabled (bitserial=False)" in e["reason"]
+               for e in mod.manifest["layers"])

@@ -12,8 +12,16 @@ from torch import nn
 
 import fxquant
 from fxquant.backends.tvm import selection
+from fxquant.backends.tvm.cost import KernelMismatch, KernelPlan
 from fxquant.backends.tvm.lower import STAGE, unsupported_nodes
-from fxquant.backends.tvm.selection import BITSERIAL_MODULE, bitserial_module, select_kernel
+from fxquant.backends.tvm.selection import (
+    BITSERIAL_MODULE,
+    bitserial_module,
+    bitserial_problem,
+    choose_kernel,
+    dot_problem,
+    forced_kernel,
+)
 from fxquant.passes.freeze import integer_layers
 from tests.backends.tvm.helpers import ResidualNet, assert_matches_reference, quantized
 
@@ -123,27 +131,73 @@ def _layers(bits: int = 2, groups: int = 1) -> dict:
     return integer_layers(fxquant.passes.freeze(q))
 
 
-def test_selection_reasons() -> None:
-    layers = _layers(bits=2)
-    conv = layers["conv"]
-    missing = select_kernel(conv, enabled=True, max_bits=4, module=None)
-    assert missing.kind == "int8" and "not installed" in missing.reason
-    disabled = select_kernel(conv, enabled=False, max_bits=4, module=None)
-    assert disabled.kind == "int8" and "bitserial=False" in disabled.reason
+def test_bitserial_and_dot_reasons() -> None:
+    conv = _layers(bits=2)["conv"]
+    assert "not installed" in bitserial_problem(conv, enabled=True, max_bits=4, module=None)
+    assert "bitserial=False" in bitserial_problem(conv, enabled=False, max_bits=4, module=None)
     accept = SimpleNamespace(bitserial_supported=lambda layer: (True, ""))
-    assert select_kernel(conv, enabled=True, max_bits=4, module=accept).kind == "bitserial"
-    above = select_kernel(conv, enabled=True, max_bits=1, module=accept)
-    assert above.kind == "int8" and "bitserial_max_bits=1" in above.reason
+    assert bitserial_problem(conv, enabled=True, max_bits=4, module=accept) is None
+    assert "bitserial_max_bits=1" in bitserial_problem(conv, enabled=True, max_bits=1, module=accept)
     decline = SimpleNamespace(bitserial_supported=lambda layer: (False, "no thanks"))
-    declined = select_kernel(conv, enabled=True, max_bits=4, module=decline)
-    assert declined.kind == "int8" and "no thanks" in declined.reason
-    eight = _layers(bits=8)["conv"]
-    kind = select_kernel(eight, enabled=True, max_bits=4, module=accept).kind
-    assert kind == ("int8" if int(eight.weight_int.abs().max()) <= 127 else "int32")
+    assert "no thanks" in bitserial_problem(conv, enabled=True, max_bits=4, module=decline)
+    assert dot_problem(conv) is None
+    grouped = _layers(bits=2, groups=2)["conv"]
+    assert "groups=2" in dot_problem(grouped)
     if bitserial_module() is not None:
-        grouped = _layers(bits=2, groups=2)["conv"]
-        choice = select_kernel(grouped, enabled=True, max_bits=4, module=bitserial_module())
-        assert choice.kind == "int8" and "groups" in choice.reason
+        assert "groups" in bitserial_problem(grouped, enabled=True, max_bits=4, module=bitserial_module())
+
+
+def _plan(kind: str) -> KernelPlan:
+    return KernelPlan(kind, "test", "v0", lambda: (None, None))
+
+
+def test_choose_kernel_takes_the_cheapest_and_explains() -> None:
+    plans = {k: _plan(k) for k in ("bitserial", "dot", "direct")}
+    costs = {"bitserial": 30.0, "dot": 10.0, "direct": 20.0}
+    choice = choose_kernel("conv", plans, {}, "auto", lambda p: costs[p.kind], "measure")
+    assert choice.kind == "dot" and choice.costs_us == costs
+    assert choice.reason.startswith("cheapest by measure: dot 10 us, direct 20 us, bitserial 30 us")
+
+
+def test_choose_kernel_prunes_what_the_model_rules_out() -> None:
+    plans = {k: _plan(k) for k in ("bitserial", "dot", "direct")}
+    timed: list[str] = []
+    model = {"bitserial": 1000.0, "dot": 10.0, "direct": 20.0}
+
+    def measure(plan: KernelPlan) -> float:
+        timed.append(plan.kind)
+        return model[plan.kind]
+
+    declined: dict[str, str] = {}
+    choice = choose_kernel("conv", plans, declined, "auto", measure, "measure", lambda p: model[p.kind])
+    assert choice.kind == "dot" and timed == ["dot", "direct"]
+    assert "not timed" in declined["bitserial"] and "no bitserial" in choice.reason
+
+
+def test_forced_kernel_and_its_errors() -> None:
+    plans = {k: _plan(k) for k in ("dot", "direct")}
+    choice = choose_kernel("layer1.conv", plans, {}, "direct", lambda p: 1.0 / 0, "measure")
+    assert choice.kind == "direct" and "forced" in choice.reason  # forced: nothing is timed
+    with pytest.raises(fxquant.BackendError, match=r"layer layer1.conv: kernel='bitserial' .*groups=4"):
+        choose_kernel("layer1.conv", plans, {"bitserial": "groups=4"}, "bitserial", lambda p: 1.0, "measure")
+    assert forced_kernel("dot", "a.b") == "dot"
+    table = {"layer4.0.conv1": "direct", "layer4.*": "dot"}
+    assert forced_kernel(table, "layer4.0.conv1") == "direct"
+    assert forced_kernel(table, "layer4.1.conv2") == "dot"
+    assert forced_kernel(table, "layer3.0.conv1") == "auto"
+
+
+def test_a_kernel_that_disagrees_with_the_reference_is_not_used() -> None:
+    plans = {k: _plan(k) for k in ("dot", "direct")}
+
+    def measure(plan: KernelPlan) -> float:
+        if plan.kind == "dot":
+            raise KernelMismatch("dot (test) accumulator differs from the integer reference")
+        return 5.0
+
+    with pytest.warns(RuntimeWarning, match="layer conv: dot .* differs"):
+        choice = choose_kernel("conv", plans, {}, "auto", measure, "measure")
+    assert choice.kind == "direct" and "no dot: dot (test) accumulator differs" in choice.reason
 
 
 def test_only_a_missing_kernel_module_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:

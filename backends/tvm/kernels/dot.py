@@ -1,0 +1,479 @@
+"""Integer dot-product kernels (conv2d and dense): exact int32 accumulation of 8-bit-range integers.
+
+The math is stated once in TE (:func:`_conv_compute`): activations are packed into channel blocks
+``pack[n, cb, y, x, c]`` (zero padded), weights into ``w[ot, cb, ky, kx, ci, lane, k]`` and
+
+    acc[n, ot, y, x, lane] = sum_{cb, ky, kx, ci, k} pack[n, cb, y', x', ci*K + k] * w[ot, cb, ky, kx, ci, lane, k]
+
+which is a sequence of "``lanes`` output channels += a K-element dot product of one input pixel" steps. The
+schedule keeps a ``tile_w`` pixels x ``oc_vectors`` register tile of accumulators and maps each step onto one
+instruction of the target (a :class:`DotIsa`):
+
+========================  =============  ======  ===  ======================================================
+ISA                       operands       lanes   K    instruction
+========================  =============  ======  ===  ======================================================
+``avx512-vnni``           u8 x s8        16      4    ``vpdpbusd`` (TVM's ``dot_16x4_vnni`` intrinsic)
+``avx2``                  s16 x s16      8       2    ``vpmaddwd`` + ``vpaddd`` (exact for every 8-bit code)
+``neon-sdot``             s8 x s8        4       4    ``sdot`` (TVM's ``dot_4x4_i8i8s32_sdot``), needs +dotprod
+``neon`` / ``generic``    s16 x s16      8 / 4   1    LLVM's vectorizer (``smlal`` on aarch64)
+========================  =============  ======  ===  ======================================================
+
+None of these saturates: ``vpdpbusd`` and ``sdot`` accumulate 4 products straight into int32 and ``vpmaddwd``
+adds two int16 x int16 products into int32 (``vpmaddubsw``, which adds in int16 with saturation, is not used).
+Each ISA states which value ranges it takes (:meth:`DotIsa.accepts`); the caller picks another one otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import s_tir, te, tirx
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+from tvm.target.codegen import llvm_cpu_has_features
+
+from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry
+
+__all__ = ["DotIsa", "DotKernel", "DOT_ISAS", "select_dot_isa", "dot_conv2d", "dot_dense", "KERNEL_VERSION"]
+
+#: bumped whenever the generated code changes, so cached timings of older kernels are not reused
+KERNEL_VERSION = "dot-1"
+
+_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-(2**15), 2**15 - 1)}
+
+
+@dataclass(frozen=True)
+class DotIsa:
+    """One instruction choice: ``lanes`` int32 accumulators += a ``k``-element dot product per instruction."""
+
+    name: str
+    lanes: int
+    k: int
+    data_dtype: str
+    weight_dtype: str
+    intrin: str | None  # registered TensorIntrin name, or None: plain vectorized loop
+    tile_w: int  # output pixels per register tile
+    oc_vectors: int  # accumulator vectors per pixel in the tile
+    chain16: bool = False  # partial sums of a kernel row are formed in int16 lanes, then widened once
+
+    def accepts(self, data_range: tuple[int, int], weight_range: tuple[int, int], chain_steps: int = 1) -> bool:
+        """Whether every activation value and weight fits the operand types exactly and, for ``chain16``, whether
+        ``chain_steps`` steps of two products each stay inside int16 (no lane ever saturates or wraps)."""
+        (dlo, dhi), (wlo, whi) = _RANGES[self.data_dtype], _RANGES[self.weight_dtype]
+        fits = dlo <= data_range[0] and data_range[1] <= dhi and wlo <= weight_range[0] and weight_range[1] <= whi
+        if not (fits and self.chain16):
+            return fits
+        largest = max(abs(v) for v in data_range) * max(abs(v) for v in weight_range)
+        return chain_steps * 2 * largest <= 2**15 - 1
+
+    def chain_steps(self, kernel_w: int, in_channels: int) -> int:
+        """Steps of one int16 chain: a kernel row of channel blocks (see :func:`_chained_compute`)."""
+        cb = min(self.channel_block, _ceil_to(in_channels, self.k))
+        return kernel_w * (cb // self.k)
+
+    @property
+    def channel_block(self) -> int:
+        """Input channels per packed block: 16 bytes of int8 (or 8 int16) per pixel."""
+        return max(self.k, 16 if self.data_dtype.endswith("int8") else 8)
+
+
+def _dot_intrin(name: str, lanes: int, k: int, data_dtype: str, weight_dtype: str, impl_body: Callable) -> str:
+    """Register ``C[lanes] += sum_k A[k] * B[lanes, k]`` (int32) with the implementation ``impl_body``."""
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (k,), data_dtype, offset_factor=1)
+        B = T.match_buffer(b, (lanes, k), weight_dtype, offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:k], B[0:lanes, 0:k])
+            T.writes(C[0:lanes])
+            for i, j in T.grid(lanes, k):
+                with T.sblock("update"):
+                    vi, vj = T.axis.remap("SR", [i, j])
+                    C[vi] = C[vi] + T.cast(A[vj], "int32") * T.cast(B[vi, vj], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (k,), data_dtype, offset_factor=1)
+        B = T.match_buffer(b, (lanes, k), weight_dtype, offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:k], B[0:lanes, 0:k])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = impl_body(A, B, C)
+
+    TensorIntrin.register(name, desc, impl, override=True)
+    return name
+
+
+def _pmaddubsw_step(name: str) -> str:
+    """``P[8, 2] += A[h*2 + j] * B[lane, h*2 + j]`` in int16 lanes: one ``vpmaddubsw`` + ``vpaddw``.
+
+    Exact only where every pair sum and every chain of them stays inside int16: the caller checks that
+    with :meth:`DotIsa.accepts` before choosing this instruction.
+    """
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (8, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (8, 2), "int16", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:8, 0:2], A[0:4], B[0:8, 0:4])
+            T.writes(C[0:8, 0:2])
+            for i, h, j in T.grid(8, 2, 2):
+                with T.sblock("update"):
+                    vi, vh, vj = T.axis.remap("SSR", [i, h, j])
+                    C[vi, vh] = C[vi, vh] + T.Cast("int16", A[vh * 2 + vj]) * T.Cast("int16", B[vi, vh * 2 + vj])
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (8, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (8, 2), "int16", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:8, 0:2], A[0:4], B[0:8, 0:4])
+            T.writes(C[0:8, 0:2])
+            quad = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            pairs = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                T.reinterpret(T.broadcast(quad, 8), dtype="uint8x32"), B.vload([0, 0], dtype="int8x32"),
+                dtype="int16x16",
+            )
+            C[0, T.ramp(T.int32(0), 1, 16)] = C.vload([0, 0], dtype="int16x16") + pairs
+
+    TensorIntrin.register(name, desc, impl, override=True)
+    return name
+
+
+def _widen_pairs(name: str) -> str:
+    """``D[8] += P[8, 0] + P[8, 1]`` from int16 to int32: one ``vpmaddwd`` by ones + ``vpaddd``."""
+
+    @T.prim_func(s_tir=True)
+    def desc(p: T.handle, d: T.handle) -> None:
+        P = T.match_buffer(p, (8, 2), "int16", offset_factor=1, scope="local")
+        D = T.match_buffer(d, (8,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(D[0:8], P[0:8, 0:2])
+            T.writes(D[0:8])
+            for i, h in T.grid(8, 2):
+                with T.sblock("update"):
+                    vi, vh = T.axis.remap("SR", [i, h])
+                    D[vi] = D[vi] + T.Cast("int32", P[vi, vh])
+
+    @T.prim_func(s_tir=True)
+    def impl(p: T.handle, d: T.handle) -> None:
+        P = T.match_buffer(p, (8, 2), "int16", offset_factor=1, scope="local")
+        D = T.match_buffer(d, (8,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(D[0:8], P[0:8, 0:2])
+            T.writes(D[0:8])
+            D[T.ramp(T.int32(0), 1, 8)] = D.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), P.vload([0, 0], dtype="int16x16"),
+                T.broadcast(T.int16(1), 16), dtype="int32x8",
+            )
+
+    TensorIntrin.register(name, desc, impl, override=True)
+    return name
+
+
+def _pmaddwd(A, B, C):  # noqa: N803 (buffer names as in the intrinsic)
+    pair = T.reinterpret(A.vload([0], "int16x2"), dtype="int32")
+    a = T.reinterpret(T.broadcast(pair, 8), dtype="int16x16")
+    b = B.vload([0, 0], dtype="int16x16")
+    return C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a, b, dtype="int32x8"
+    )
+
+
+def _vpdpbusd(A, B, C):  # noqa: N803
+    # LLVM 22 takes the byte vectors as <64 x i8> (earlier versions as <16 x i32>)
+    quad = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+    a = T.reinterpret(T.broadcast(quad, 16), dtype="int8x64")
+    return T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), C.vload([0], dtype="int32x16"),
+        a, B.vload([0, 0], dtype="int8x64"), dtype="int32x16",
+    )
+
+
+def _sdot(A, B, C):  # noqa: N803
+    quad = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+    a = T.reinterpret(T.broadcast(quad, 4), dtype="int8x16")
+    return T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), C.vload([0], dtype="int32x4"),
+        a, B.vload([0, 0], dtype="int8x16"), dtype="int32x4",
+    )
+
+
+@cache
+def _intrinsics() -> dict[str, str]:
+    """Register the three intrinsics once. TVM ships VNNI and sdot ones too (``tvm.s_tir.tensor_intrin``), but
+    importing that package registers every GPU intrinsic as well (about a minute), and its descriptions
+    accumulate into a global-scope buffer where ours accumulate into the register tile (``local``)."""
+    return {
+        "avx2": _dot_intrin("fxquant_dot_8x2_i16_avx2", 8, 2, "int16", "int16", _pmaddwd),
+        "avx512-vnni": _dot_intrin("fxquant_dot_16x4_u8i8_vnni", 16, 4, "uint8", "int8", _vpdpbusd),
+        "neon-sdot": _dot_intrin("fxquant_dot_4x4_i8i8_sdot", 4, 4, "int8", "int8", _sdot),
+        "avx2-u8s8": _pmaddubsw_step("fxquant_dot_8x2x2_u8s8_i16_avx2"),
+        "avx2-widen": _widen_pairs("fxquant_widen_8x2_i16_i32_avx2"),
+    }
+
+
+DOT_ISAS: dict[str, DotIsa] = {
+    "avx2-u8s8": DotIsa("avx2-u8s8", 8, 4, "uint8", "int8", "avx2-u8s8", tile_w=4, oc_vectors=2, chain16=True),
+    "avx512-vnni": DotIsa("avx512-vnni", 16, 4, "uint8", "int8", "avx512-vnni", tile_w=6, oc_vectors=2),
+    "avx2": DotIsa("avx2", 8, 2, "int16", "int16", "avx2", tile_w=4, oc_vectors=2),
+    "neon-sdot": DotIsa("neon-sdot", 4, 4, "int8", "int8", "neon-sdot", tile_w=4, oc_vectors=4),
+    "neon": DotIsa("neon", 4, 1, "int16", "int16", None, tile_w=4, oc_vectors=4),
+    "generic": DotIsa("generic", 8, 1, "int16", "int16", None, tile_w=4, oc_vectors=1),
+}
+
+
+def _has(target: tvm.target.Target, feature: str) -> bool:
+    try:
+        return bool(llvm_cpu_has_features([feature], target))
+    except Exception:  # a feature LLVM does not know for this triple
+        return False
+
+
+def select_dot_isa(
+    target: tvm.target.Target,
+    data_range: tuple[int, int],
+    weight_range: tuple[int, int],
+    kernel_w: int = 1,
+    in_channels: int = 16,
+) -> DotIsa:
+    """The fastest instruction choice of ``target`` that holds these value ranges exactly (for ``avx2-u8s8``,
+    over a chain of one kernel row: ``kernel_w`` x the channel block)."""
+    triple = str(target.attrs.get("mtriple", "") or "")
+    if triple.startswith(("aarch64", "arm64")):
+        order = ["neon-sdot", "neon"] if _has(target, "dotprod") else ["neon"]
+    elif _has(target, "avx512vnni") and _has(target, "avx512bw"):
+        order = ["avx512-vnni", "avx2"]
+    elif _has(target, "avx2"):
+        order = ["avx2-u8s8", "avx2"]
+    else:
+        order = []
+    for name in [*order, "generic"]:
+        isa = DOT_ISAS[name]
+        if isa.accepts(data_range, weight_range, isa.chain_steps(kernel_w, in_channels)):
+            return isa
+    raise ValueError(f"values {data_range} x weights {weight_range} exceed 16-bit operands")
+
+
+@dataclass(frozen=True)
+class DotKernel:
+    """A scheduled PrimFunc ``(data int32, packed_weight, out int32)`` and how to pack a weight for it."""
+
+    func: tirx.PrimFunc
+    pack: Callable[[np.ndarray], np.ndarray]
+    isa: DotIsa
+
+
+def _ceil_to(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class _Blocking:
+    """Padded extents of one layer for an ISA."""
+
+    channel_block: int
+    channel_blocks: int
+    oc_tiles: int  # output-channel vectors, a multiple of oc_vectors
+    tile_w: int
+    padded_out_w: int
+    padded_h: int
+    padded_w: int
+
+
+def _blocking(geom: ConvGeometry, isa: DotIsa) -> _Blocking:
+    cb = min(isa.channel_block, _ceil_to(geom.in_channels, isa.k))
+    oc_vectors = min(isa.oc_vectors, -(-geom.out_channels // isa.lanes))
+    tiles = _ceil_to(-(-geom.out_channels // isa.lanes), oc_vectors)
+    tile_w = min(isa.tile_w, geom.out_width)
+    ow = _ceil_to(geom.out_width, tile_w)
+    (sh, sw), (dh, dw), (kh, kw) = geom.stride, geom.dilation, geom.kernel
+    top, left, bottom, right = geom.padding
+    padded_w = max(geom.width + left + right, (ow - 1) * sw + (kw - 1) * dw + 1)
+    padded_h = max(geom.height + top + bottom, (geom.out_height - 1) * sh + (kh - 1) * dh + 1)
+    return _Blocking(cb, -(-geom.in_channels // cb), tiles, tile_w, ow, padded_h, padded_w)
+
+
+def _pack_weight(weight: np.ndarray, geom: ConvGeometry, isa: DotIsa, blk: _Blocking) -> np.ndarray:
+    """OIHW integers -> (oc_tiles, channel_blocks, kh, kw, cb/k, lanes, k), zero padded."""
+    o, c, kh, kw = weight.shape
+    full = np.zeros((blk.oc_tiles * isa.lanes, blk.channel_blocks * blk.channel_block, kh, kw), dtype=np.int64)
+    full[:o, :c] = weight
+    tiled = full.reshape(blk.oc_tiles, isa.lanes, blk.channel_blocks, blk.channel_block // isa.k, isa.k, kh, kw)
+    return np.ascontiguousarray(tiled.transpose(0, 2, 5, 6, 3, 1, 4)).astype(isa.weight_dtype)
+
+
+def _conv_compute(geom: ConvGeometry, isa: DotIsa, blk: _Blocking, dense: bool) -> list[te.Tensor]:
+    """The math: pack activations into channel blocks, then the blocked int32 dot-product reduction."""
+    n_, c_, h_, w_ = geom.input_shape
+    kh_, kw_ = geom.kernel
+    (sh, sw), (dh, dw) = geom.stride, geom.dilation
+    top, left = geom.padding[0], geom.padding[1]
+    lanes, k, cb = isa.lanes, isa.k, blk.channel_block
+    data = te.placeholder((n_, c_) if dense else geom.input_shape, "int32", name="data")
+    weight = te.placeholder(
+        (blk.oc_tiles, blk.channel_blocks, kh_, kw_, cb // k, lanes, k), isa.weight_dtype, name="weight"
+    )
+
+    def load(n, c, y, x):
+        return data[n, c] if dense else data[n, c, y, x]
+
+    def packed(n, b, y, x, c):
+        ch = b * cb + c
+        inside = tirx.all(y >= top, y < h_ + top, x >= left, x < w_ + left, ch < c_)
+        value = tirx.if_then_else(inside, load(n, tirx.min(ch, c_ - 1), y - top, x - left), 0)
+        return value.astype(isa.data_dtype)
+
+    pack = te.compute((n_, blk.channel_blocks, blk.padded_h, blk.padded_w, cb), packed, name="pack")
+    rb = te.reduce_axis((0, blk.channel_blocks), "rb")
+    ry = te.reduce_axis((0, kh_), "ry")
+    rx = te.reduce_axis((0, kw_), "rx")
+    rc = te.reduce_axis((0, cb // k), "rc")
+    acc_shape = (n_, blk.oc_tiles, geom.out_height, blk.padded_out_w, lanes)
+    if isa.chain16:
+        # the same sum, grouped: int16 partial sums over one kernel row of a channel block, in two halves of
+        # the K channels (the pairs one vpmaddubsw adds), then widened into the int32 accumulator
+        rj = te.reduce_axis((0, k // 2), "rj")
+
+        def part_value(n, t, y, x, b, ky, lane, h):
+            a = pack[n, b, y * sh + ky * dh, x * sw + rx * dw, rc * k + h * (k // 2) + rj].astype("int16")
+            w = weight[t, b, ky, rx, rc, lane, h * (k // 2) + rj].astype("int16")
+            return te.sum(a * w, axis=[rx, rc, rj])
+
+        part = te.compute((*acc_shape[:4], blk.channel_blocks, kh_, lanes, 2), part_value, name="part")
+        rh = te.reduce_axis((0, 2), "rh")
+        acc = te.compute(
+            acc_shape,
+            lambda n, t, y, x, lane: te.sum(part[n, t, y, x, rb, ry, lane, rh].astype("int32"), axis=[rb, ry, rh]),
+            name="acc",
+        )
+    else:
+        rk = te.reduce_axis((0, k), "rk")
+
+        def acc_value(n, t, y, x, lane):
+            a = pack[n, rb, y * sh + ry * dh, x * sw + rx * dw, rc * k + rk].astype("int32")
+            return te.sum(a * weight[t, rb, ry, rx, rc, lane, rk].astype("int32"), axis=[rb, ry, rx, rc, rk])
+
+        acc = te.compute(acc_shape, acc_value, name="acc")
+    if dense:
+        out = te.compute((n_, geom.out_channels), lambda n, o: acc[n, o // lanes, 0, 0, o % lanes], name="out")
+    else:
+        out = te.compute(
+            geom.output_shape, lambda n, o, y, x: acc[n, o // lanes, y, x, o % lanes], name="out"
+        )
+    return [data, weight, out]
+
+
+def _schedule_chained(func: tirx.PrimFunc, blk: _Blocking, oc_vectors: int, kernel_w: int) -> tirx.PrimFunc:
+    """Register tile of int32 accumulators; per kernel row, a tile of int16 partials fed by vpmaddubsw."""
+    sch = s_tir.Schedule(func)
+    acc_b, part_b = sch.get_sblock("acc"), sch.get_sblock("part")
+    out_b, pack_b = sch.get_sblock("out"), sch.get_sblock("pack")
+    n, t, y, x, lane, rb, ry, rh = sch.get_loops(acc_b)
+    to, ti = sch.split(t, [None, oc_vectors])
+    xo, xi = sch.split(x, [None, blk.tile_w])
+    sch.reorder(n, to, y, xo, rb, ry, ti, xi, lane, rh)
+    sch.parallel(sch.fuse(n, to, y))
+    sch.reverse_compute_at(out_b, xo)
+    sch.set_scope(acc_b, 0, "local")
+    sch.compute_at(part_b, ry)
+    sch.set_scope(part_b, 0, "local")
+    loops = sch.get_loops(part_b)
+    below_row = loops[next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(ry))) + 1:]
+    # compute_at leaves out loops of extent 1: name the remaining ones by the extents they must have
+    expected = {"t": oc_vectors, "x": blk.tile_w, "lane": 8, "h": 2, "rx": kernel_w,
+                "rc": blk.channel_block // 4, "rj": 2}
+    names = [name for name, extent in expected.items() if extent > 1]
+    assert [int(sch.get(loop).extent) for loop in below_row] == [expected[n] for n in names], "unexpected loops"
+    loop = dict(zip(names, below_row, strict=True))
+    tile = [loop[n] for n in ("t", "x") if n in loop]
+    reductions = [loop[n] for n in ("rx", "rc") if n in loop]
+    sch.reorder(*reductions, *tile, loop["lane"], loop["h"], loop["rj"])
+    init16 = sch.decompose_reduction(part_b, (reductions + tile + [loop["lane"]])[0])
+    sch.vectorize(sch.fuse(*sch.get_loops(init16)[-2:]))
+    sch.tensorize(loop["lane"], _intrinsics()["avx2-u8s8"])
+    for tile_loop in tile:
+        sch.unroll(tile_loop)
+    init = sch.decompose_reduction(acc_b, rb)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(lane, _intrinsics()["avx2-widen"])
+    sch.unroll(xi)
+    sch.unroll(ti)
+    _schedule_pack(sch, pack_b)
+    return sch.mod["main"]
+
+
+def _schedule_pack(sch: s_tir.Schedule, pack_b: Any) -> None:
+    pn, pb, py, px, pc = sch.get_loops(pack_b)
+    sch.parallel(sch.fuse(pn, pb, py))
+    sch.unroll(pc)
+
+
+def _schedule(func: tirx.PrimFunc, isa: DotIsa, blk: _Blocking, oc_vectors: int, kernel_w: int) -> tirx.PrimFunc:
+    if isa.chain16:
+        return _schedule_chained(func, blk, oc_vectors, kernel_w)
+    sch = s_tir.Schedule(func)
+    acc_b, out_b, pack_b = sch.get_sblock("acc"), sch.get_sblock("out"), sch.get_sblock("pack")
+    n, t, y, x, lane, rb, ry, rx, rc, rk = sch.get_loops(acc_b)
+    to, ti = sch.split(t, [None, oc_vectors])
+    xo, xi = sch.split(x, [None, blk.tile_w])
+    sch.reorder(n, to, y, xo, rb, ry, rx, rc, ti, xi, lane, rk)
+    sch.parallel(sch.fuse(n, to, y))
+    sch.reverse_compute_at(out_b, xo)
+    sch.set_scope(acc_b, 0, "local")
+    if isa.intrin is None:  # k == 1: a vector of lanes times one broadcast value, LLVM picks the multiply-add
+        sch.reorder(rk, lane)
+        sch.vectorize(lane)
+    init = sch.decompose_reduction(acc_b, rb)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if isa.intrin is not None:
+        sch.tensorize(lane, _intrinsics()[isa.intrin])
+    sch.unroll(xi)
+    sch.unroll(ti)
+    _schedule_pack(sch, pack_b)
+    return sch.mod["main"]
+
+
+def _build(geom: ConvGeometry, isa: DotIsa, dense: bool) -> DotKernel:
+    blk = _blocking(geom, isa)
+    func = te.create_prim_func(_conv_compute(geom, isa, blk, dense))
+    oc_vectors = min(isa.oc_vectors, blk.oc_tiles)
+    scheduled = _schedule(func, isa, blk, oc_vectors, geom.kernel[1]).with_attr("fxquant.dot_isa", isa.name)
+
+    def pack(weight: np.ndarray) -> np.ndarray:
+        w = weight.reshape(weight.shape[0], weight.shape[1], 1, 1) if dense else weight
+        return _pack_weight(w, geom, isa, blk)
+
+    return DotKernel(scheduled, pack, isa)
+
+
+def dot_conv2d(geom: ConvGeometry, isa: DotIsa) -> DotKernel:
+    """Scheduled conv2d ``(data int32 NCHW, packed weight, out int32 NCHW)`` for ``groups == 1``.
+
+    Example::
+
+        isa = select_dot_isa(target, (0, 255), (-128, 127))
+        kernel = dot_conv2d(geom, isa)          # weights go in as kernel.pack(weight_int)
+    """
+    if geom.groups != 1:
+        raise ValueError(f"the dot-product kernel takes groups=1 convolutions, got groups={geom.groups}")
+    return _build(geom, isa, dense=False)
+
+
+def dot_dense(geom: DenseGeometry, isa: DotIsa) -> DotKernel:
+    """Scheduled dense ``(data int32 (N, K), packed weight, out int32 (N, O))``: a 1x1 convolution of a 1x1 image."""
+    conv = ConvGeometry(geom.batch, geom.in_features, 1, 1, geom.out_features, (1, 1), (1, 1), (0, 0, 0, 0),
+                        (1, 1), 1)
+    return _build(conv, isa, dense=True)

@@ -1,0 +1,36 @@
+"""The one TVM thread pool of the process, sized on demand by whoever calls into TVM next.
+
+The training kernels size it to ``torch.get_num_threads()`` and a compiled ``"tvm-llvm"`` module to its
+``num_threads``; both go through :func:`ensure_pool_size`, so the pool is resized only when the size changes.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["ensure_pool_size", "default_threads"]
+
+_pool_threads: list[int] = []  # the size last set
+
+
+def default_threads() -> int:
+    """Every CPU this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def ensure_pool_size(threads: int) -> None:
+    """``threads`` TVM workers sharing the process's CPUs, leaving the calling thread's affinity as it was.
+
+    TVM's default modes pin the calling thread to one core (the whole training process would then run on
+    it); mode -3 (threads share the given cores) does not, and the affinity is restored in any case.
+    """
+    if _pool_threads == [threads]:
+        return
+    import tvm
+
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    cpus = sorted(affinity) if affinity else range(os.cpu_count() or 1)
+    tvm.get_global_func("runtime.config_threadpool")(-3, threads, [str(c) for c in cpus])
+    if affinity and os.sched_getaffinity(0) != affinity:
+        os.sched_setaffinity(0, affinity)
+    _pool_threads[:] = [threads]

@@ -1,0 +1,153 @@
+"""Integer dot-product kernels: exact against the integer reference on a shape grid, per instruction choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+from fxquant.backends.tvm.build import host_target_dict, make_target
+from fxquant.backends.tvm.geometry import DenseGeometry, conv_geometry
+from fxquant.backends.tvm.kernels.dot import DOT_ISAS, dot_conv2d, dot_dense, select_dot_isa
+
+HOST = make_target(host_target_dict(), None)
+HOST_HAS_AVX2 = select_dot_isa(HOST, (0, 255), (-128, 127)).name in ("avx2", "avx512-vnni")
+RUNNABLE = ["generic"] + (["avx2"] if HOST_HAS_AVX2 else [])
+needs_avx2 = pytest.mark.skipif(not HOST_HAS_AVX2, reason="this host has no AVX2")
+
+# (input NCHW, weight OIHW, stride, padding, dilation): odd channels, stride 2, padding, 1x1, 7x7 stems, tails
+SHAPES = [
+    ((1, 13, 9, 9), (21, 13, 3, 3), 2, 1, 1),
+    ((2, 8, 7, 7), (16, 8, 3, 3), 1, 1, 1),
+    ((1, 3, 17, 17), (8, 3, 7, 7), 2, 3, 1),
+    ((1, 32, 6, 6), (40, 32, 1, 1), 1, 0, 1),
+    ((1, 16, 10, 11), (24, 16, 3, 3), 1, 2, 2),
+    ((1, 5, 5, 5), (3, 5, 3, 3), 1, 0, 1),
+]
+
+
+def _run(kernel, x: np.ndarray, w: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
+    lib = tvm.compile(tvm.IRModule({"main": kernel.func.with_attr("global_symbol", "main")}), target=HOST)
+    out = tvm.runtime.tensor(np.zeros(out_shape, np.int32))
+    lib(tvm.runtime.tensor(x), tvm.runtime.tensor(kernel.pack(w)), out)
+    return out.numpy().astype(np.int64)
+
+
+def _conv_reference(x: np.ndarray, w: np.ndarray, stride: int, padding: int, dilation: int) -> np.ndarray:
+    got = torch.nn.functional.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(), stride=stride,
+                                     padding=padding, dilation=dilation)
+    return got.round().long().numpy()
+
+
+@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[0] + s[1][:1])))
+def test_conv_equals_reference(isa: str, shape) -> None:
+    in_shape, w_shape, stride, padding, dilation = shape
+    geom = conv_geometry(in_shape, w_shape, stride, padding, dilation, 1)
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, in_shape).astype(np.int32)
+    w = rng.integers(-128, 128, w_shape).astype(np.int64)
+    got = _run(dot_conv2d(geom, DOT_ISAS[isa]), x, w, geom.output_shape)
+    np.testing.assert_array_equal(got, _conv_reference(x, w, stride, padding, dilation))
+
+
+@pytest.mark.parametrize("isa", RUNNABLE)
+def test_extreme_codes_do_not_saturate(isa: str) -> None:
+    """255 x -128 and 255 x 127 everywhere: every pair sum that an int16 accumulation would saturate."""
+    geom = conv_geometry((1, 16, 5, 5), (8, 16, 3, 3), 1, 1, 1, 1)
+    x = np.full(geom.input_shape, 255, np.int32)
+    for value in (-128, 127):
+        w = np.full(geom.weight_shape, value, np.int64)
+        got = _run(dot_conv2d(geom, DOT_ISAS[isa]), x, w, geom.output_shape)
+        np.testing.assert_array_equal(got, _conv_reference(x, w, 1, 1, 1))
+    assert int(got.max()) == 255 * 127 * 16 * 9
+
+
+@pytest.mark.parametrize("isa", RUNNABLE)
+def test_bipolar_eight_bit_weights_need_int16(isa: str) -> None:
+    """Bipolar 8-bit weights reach ±255: only the 16-bit instruction choices hold them."""
+    assert not DOT_ISAS["avx512-vnni"].accepts((0, 255), (-255, 255))
+    assert not DOT_ISAS["neon-sdot"].accepts((0, 127), (-255, 255))
+    geom = conv_geometry((1, 6, 4, 4), (5, 6, 3, 3), 1, 1, 1, 1)
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, geom.input_shape).astype(np.int32)
+    w = (2 * rng.integers(0, 256, geom.weight_shape) - 255).astype(np.int64)
+    got = _run(dot_conv2d(geom, DOT_ISAS[isa]), x, w, geom.output_shape)
+    np.testing.assert_array_equal(got, _conv_reference(x, w, 1, 1, 1))
+
+
+@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("batch,features,outputs", [(1, 512, 10), (3, 37, 19)])
+def test_dense_equals_reference(isa: str, batch: int, features: int, outputs: int) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (batch, features)).astype(np.int32)
+    w = rng.integers(-128, 128, (outputs, features)).astype(np.int64)
+    got = _run(dot_dense(DenseGeometry(batch, features, outputs), DOT_ISAS[isa]), x, w, (batch, outputs))
+    np.testing.assert_array_equal(got, x.astype(np.int64) @ w.T)
+
+
+@needs_avx2
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[0] + s[1][:1])))
+def test_u8s8_chains_equal_reference(shape) -> None:
+    """vpmaddubsw with int16 partial sums over a kernel row: exact for 4-bit codes and weights."""
+    in_shape, w_shape, stride, padding, dilation = shape
+    geom = conv_geometry(in_shape, w_shape, stride, padding, dilation, 1)
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 16, in_shape).astype(np.int32)
+    w = rng.choice(np.arange(-15, 16, 2), w_shape).astype(np.int64)  # bipolar 4-bit weights: odd, |w| <= 15
+    got = _run(dot_conv2d(geom, DOT_ISAS["avx2-u8s8"]), x, w, geom.output_shape)
+    np.testing.assert_array_equal(got, _conv_reference(x, w, stride, padding, dilation))
+
+
+@needs_avx2
+def test_u8s8_chain_at_its_int16_limit() -> None:
+    """A 3x3 row of 16 channels is 12 steps of two products: 63 x 21 stays inside int16, 63 x 22 does not."""
+    isa = DOT_ISAS["avx2-u8s8"]
+    steps = isa.chain_steps(3, 16)
+    assert steps == 12 and 12 * 2 * 63 * 21 <= 32767 < 12 * 2 * 63 * 22
+    assert isa.accepts((0, 63), (-21, 21), steps) and not isa.accepts((0, 63), (-22, 22), steps)
+    assert select_dot_isa(HOST, (0, 63), (-22, 22), 3, 16).name == "avx2"  # the chain would wrap: 16-bit operands
+    geom = conv_geometry((1, 16, 6, 6), (8, 16, 3, 3), 1, 1, 1, 1)
+    x = np.full(geom.input_shape, 63, np.int32)
+    for value in (-21, 21):
+        w = np.full(geom.weight_shape, value, np.int64)
+        got = _run(dot_conv2d(geom, isa), x, w, geom.output_shape)
+        np.testing.assert_array_equal(got, _conv_reference(x, w, 1, 1, 1))
+    assert int(np.abs(got).max()) == 63 * 21 * 16 * 9
+
+
+def test_isa_choice_follows_target_and_ranges() -> None:
+    zen4 = make_target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"}, None)
+    zen3 = make_target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3"}, None)
+    a76 = make_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}, None)
+    a72 = make_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, None)
+    assert select_dot_isa(zen4, (0, 255), (-128, 127)).name == "avx512-vnni"
+    assert select_dot_isa(zen4, (0, 255), (-255, 255)).name == "avx2"  # int8 weights cannot hold ±255
+    assert select_dot_isa(zen3, (0, 255), (-128, 127)).name == "avx2"  # 255 x 127 pairs overflow int16
+    assert select_dot_isa(zen3, (0, 15), (-15, 15), 3, 64).name == "avx2-u8s8"
+    assert select_dot_isa(a76, (0, 127), (-128, 127)).name == "neon-sdot"
+    assert select_dot_isa(a76, (0, 255), (-128, 127)).name == "neon"  # 8-bit codes do not fit int8
+    assert select_dot_isa(a72, (0, 15), (-8, 7)).name == "neon"
+
+
+def _assembly(func, target) -> str:
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    return lib.mod.imports[0].inspect_source("asm") if lib.mod.imports else lib.mod.inspect_source("asm")
+
+
+@pytest.mark.parametrize(
+    "isa,target,instruction",
+    [
+        ("avx512-vnni", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"}, "vpdpbusd"),
+        ("avx2", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3"}, "vpmaddwd"),
+        ("avx2-u8s8", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3"}, "vpmaddubsw"),
+        ("neon-sdot", {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}, "sdot"),
+        ("neon", {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, "smlal"),
+    ],
+)
+def test_generated_code_uses_the_instruction(isa: str, target: dict, instruction: str) -> None:
+    """The instruction each choice is named for is in the code (for targets this host cannot run)."""
+    geom = conv_geometry((1, 16, 6, 6), (32, 16, 3, 3), 1, 1, 1, 1)
+    asm = _assembly(dot_conv2d(geom, DOT_ISAS[isa]).func, make_target(target, None))
+    assert instruction in asm

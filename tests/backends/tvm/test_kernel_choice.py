@@ -1,0 +1,117 @@
+"""Per-layer kernel choice end to end: forced kernels agree bit for bit, timings are cached, options checked."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fxquant
+from fxquant.backends.tvm.cost import cost_cache_path, host_identity
+from fxquant.backends.tvm.selection import bitserial_module
+from tests.backends.tvm.helpers import assert_matches_reference, quantized
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def model() -> tuple[torch.fx.GraphModule, torch.Tensor]:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 12)
+    return quantized(_Net(), x, weight_bits=2, act_bits=2, first_last_bits=8), x
+
+
+def test_every_forced_kernel_gives_identical_outputs(model) -> None:
+    q, x = model
+    ref = fxquant.convert(q, backend="torch")
+    families = ["dot", "direct"] + (["bitserial"] if bitserial_module() is not None else [])
+    outputs = {}
+    for family in families:
+        mod = fxquant.convert(q, backend="tvm-llvm", debug_accumulators=True, kernel={"conv2": family})
+        assert_matches_reference(mod, ref, x)
+        entry = next(e for e in mod.manifest["layers"] if e["name"] == "conv2")
+        assert entry["kernel"] == family and "forced" in entry["reason"]
+        assert mod.manifest["options"]["kernel"] == {"conv2": family}
+        outputs[family] = mod(x)
+    first = outputs[families[0]]
+    assert all(torch.equal(first, out) for out in outputs.values())
+
+
+def test_auto_records_costs_and_reuses_the_cache(model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    q, x = model
+    monkeypatch.setenv("FXQUANT_CACHE_DIR", str(tmp_path))
+    mod = fxquant.convert(q, backend="tvm-llvm", num_threads=1)
+    layers = {e["name"]: e for e in mod.manifest["layers"]}
+    conv2 = layers["conv2"]
+    assert conv2["cost_model"] == "measure" and conv2["kernel"] in conv2["kernel_costs_us"]
+    assert conv2["estimate_us"] == min(conv2["kernel_costs_us"].values())
+    assert "dot" in conv2["kernel_costs_us"] and "direct" in conv2["kernel_costs_us"]
+    assert mod.manifest["options"]["num_threads"] == 1 and mod.num_threads == 1
+    cache = json.loads(cost_cache_path().read_text())
+    keys = sorted(cache["entries"])
+    assert keys and all(k.startswith(host_identity() + "|t1|") for k in keys)
+    stamp = os.stat(cost_cache_path()).st_mtime_ns
+    again = fxquant.convert(q, backend="tvm-llvm", num_threads=1)  # everything cached: nothing is timed
+    assert os.stat(cost_cache_path()).st_mtime_ns == stamp
+    assert [e["kernel"] for e in again.manifest["layers"]] == [e["kernel"] for e in mod.manifest["layers"]]
+    assert torch.equal(again(x), mod(x))
+
+
+def test_static_model_ranks_without_timing(model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    q, x = model
+    monkeypatch.setenv("FXQUANT_CACHE_DIR", str(tmp_path))
+    mod = fxquant.convert(q, backend="tvm-llvm", cost_model="model")
+    assert not cost_cache_path().exists()
+    for entry in mod.manifest["layers"]:
+        assert entry["cost_model"] == "model" and entry["estimate_us"] == min(entry["kernel_costs_us"].values())
+    want = fxquant.convert(q, backend="torch")(x)
+    torch.testing.assert_close(mod(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"kernel": "fast"}, r"kernel='fast' is invalid: expected one of auto, bitserial, dot, direct"),
+        ({"kernel": {"conv2": "popcount"}}, r"kernel\['conv2'\]='popcount' is invalid"),
+        ({"kernel": {3: "dot"}}, r"kernel: layer key 3 is invalid"),
+        ({"cost_model": "guess"}, r"cost_model='guess' is invalid: expected one of measure, model"),
+        ({"num_threads": 0}, r"num_threads=0 is invalid"),
+        ({"num_threads": True}, r"num_threads=True is invalid"),
+    ],
+)
+def test_bad_kernel_options(model, options: dict, match: str) -> None:
+    with pytest.raises(fxquant.ConfigError, match=match):
+        fxquant.convert(model[0], backend="tvm-llvm", **options)
+
+
+def test_forcing_a_kernel_a_layer_cannot_take(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 6, 6)
+    net = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8))
+    q = quantized(net, x, weight_bits=2, act_bits=2, first_last_bits=None)
+    with pytest.raises(fxquant.BackendError, match=r"layer 2: kernel='dot' was forced but cannot run it: groups=8"):
+        fxquant.convert(q, backend="tvm-llvm", kernel={"2": "dot"})
+
+
+def test_arm_options(model, tmp_path: Path) -> None:
+    with pytest.raises(fxquant.ConfigError, match=r"cpu='cortex-x9' is invalid"):
+        fxquant.convert(model[0], backend="tvm-arm", output_dir=tmp_path / "a", cpu="cortex-x9")
+    with pytest.raises(fxquant.ConfigError, match=r"cost_model must be 'model'"):
+        fxquant.convert(model[0], backend="tvm-arm", output_dir=tmp_path / "a", cost_model="measure")
+    assert not (tmp_path / "a").exists()
