@@ -33,6 +33,8 @@ BITS = ((1, 1), (1, 2), (2, 2), (3, 3), (4, 4))  # (weight bits, activation bits
 PEAK_BITOPS_PER_CYCLE = {
     # 256 bit-ops per step: and, and, pshufb, pshufb, add, add = 6 uops on Zen 3's 4 vector pipes -> 1.5 cycles.
     "x86-avx2": 256 / 1.5,
+    # 512 bit-ops per step: vpandq, vpopcntq, vpaddq; vpopcntq issues once a cycle on Zen 4 and Ice Lake -> 1 cycle.
+    "x86-avx512-vpopcntdq": 512 / 1.0,
     # 128 bit-ops per step: and, cnt, add = 3 uops on 2 NEON pipes (Cortex-A7x class) -> 1.5 cycles.
     "aarch64-neon": 128 / 1.5,
     # 64 bit-ops per word: and, popcnt, add on 4 integer ALUs -> 0.75 cycles.

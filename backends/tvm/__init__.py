@@ -37,17 +37,21 @@ def _lower_and_compile(
 @register_backend("tvm-llvm")
 def lower_tvm_llvm(frozen: fx.GraphModule, **options: Any) -> TvmModule:
     """Compile for this machine's CPU; returns a callable module with ``.manifest`` and ``.report()``."""
-    lowered, build, manifest = _lower_and_compile(
-        "tvm-llvm", frozen, TvmOptions.parse("tvm-llvm", options), host_target_dict()
-    )
+    opts = TvmOptions.parse("tvm-llvm", options)
+    lowered, build, manifest = _lower_and_compile("tvm-llvm", frozen, opts, host_target_dict())
     manifest["build_seconds"] = round(build.seconds, 3)
     return TvmModule(build.executable, manifest, lowered.inputs, lowered.outputs, lowered.output_is_tuple,
-                     lowered.accumulators)
+                     lowered.accumulators, opts.num_threads)
 
 
 @register_backend("tvm-arm")
 def lower_tvm_arm(frozen: fx.GraphModule, **options: Any) -> Artifact:
-    """Cross-compile for aarch64 + NEON and write ``output_dir`` (model.so, manifest.json, run_model.py)."""
+    """Cross-compile for aarch64 + NEON and write ``output_dir`` (model.so, manifest.json, run_model.py).
+
+    ``cpu=`` names the core (:data:`~fxquant.backends.tvm.arm_cores.ARM_CORES`); the manifest records it as
+    ``arm_cpu`` next to the target it implies.
+    """
     opts = ArmOptions.parse("tvm-arm", options)
-    _, build, manifest = _lower_and_compile("tvm-arm", frozen, opts, arm_target_dict())
+    _, build, manifest = _lower_and_compile("tvm-arm", frozen, opts, arm_target_dict(opts.cpu))
+    manifest["arm_cpu"] = opts.cpu
     return export_artifact(build.executable, manifest, opts.output_dir, force=opts.force)

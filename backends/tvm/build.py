@@ -18,6 +18,7 @@ from tvm import relax
 from tvm.s_tir import dlight
 from tvm.target.codegen import llvm_cpu_has_features, llvm_get_system_cpu, llvm_get_system_triple
 
+from fxquant.backends.tvm.arm_cores import arm_core
 from fxquant.backends.tvm.schedule_rules import CpuGeneric, unscheduled_functions
 from fxquant.errors import BackendError, ConfigError
 
@@ -36,9 +37,11 @@ def host_target_dict() -> dict[str, Any]:
     }
 
 
-def arm_target_dict() -> dict[str, Any]:
-    """64-bit ARM Linux with NEON (every ARMv8-A core has it)."""
-    return {"kind": "llvm", "mtriple": ARM_TRIPLE, "mattr": ["+neon"]}
+def arm_target_dict(cpu: str = "generic") -> dict[str, Any]:
+    """64-bit ARM Linux for a named core (:mod:`.arm_cores`): its ``-mcpu`` (LLVM's scheduling model, which decides
+    whether the NEON hot loop spills) and features; ``"generic"`` is any ARMv8-A core with NEON."""
+    core = arm_core(cpu)
+    return {"kind": "llvm", "mtriple": ARM_TRIPLE, "mcpu": core.llvm_cpu, "mattr": list(core.mattr)}
 
 
 def make_target(base: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> tvm.target.Target:

@@ -158,9 +158,10 @@ class HostTimer:
 
 
 #: per-cycle throughput of one x86 core, by instruction choice: one-bit MACs (bit-serial) or multiply-adds;
-#: avx2 rows from timings on a Zen 3 core (ResNet-18 3x3 convs), avx512-vnni from vpdpbusd's issue rate
+#: avx2 rows from timings on a Zen 3 core (ResNet-18 3x3 convs); the AVX-512 rows (vpopcntq, vpdpbusd) are
+#: their issue rates derated to about 60 % (llvm-mca's Ice Lake model), not timings
 _X86_RATES = {
-    "bitserial": {"x86-avx2": 96.0, "generic-llvm": 16.0},
+    "bitserial": {"x86-avx512-vpopcntdq": 300.0, "x86-avx2": 96.0, "generic-llvm": 16.0},
     "dot": {"avx512-vnni": 60.0, "avx2-u8s8": 40.0, "avx2": 26.0, "generic": 8.0},
     "direct": {"oc-vector": 14.0, "row-vector": 8.0},
 }
@@ -178,6 +179,12 @@ class StaticModel:
         triple = str(target.attrs.get("mtriple", "") or "")
         self.arm = triple.startswith(("aarch64", "arm64"))
 
+    def _arm_bitserial_us(self, layer: IntegerLayer, geom: ConvGeometry | DenseGeometry) -> float:
+        """The named core's hot loop as generated (llvm-mca, or an instruction count without it; docs/arm.md)."""
+        from fxquant.backends.tvm.arm_estimate import estimate_bitserial_us
+
+        return estimate_bitserial_us(self.cpu or "generic", geom.macs, layer.weight_bits, layer.act_bits)
+
     def _rate(self, plan: KernelPlan) -> tuple[float, float]:
         """(per-cycle throughput, GHz) for this plan on the target."""
         if self.arm:
@@ -193,6 +200,8 @@ class StaticModel:
         return table.get(plan.detail, min(table.values())), _GHZ_X86
 
     def cost_us(self, plan: KernelPlan, layer: IntegerLayer, geom: ConvGeometry | DenseGeometry) -> float:
+        if self.arm and plan.kind == "bitserial":
+            return round(self._arm_bitserial_us(layer, geom) / max(1, self.threads), 2)
         rate, ghz = self._rate(plan)
         work = float(geom.macs)
         if plan.kind == "bitserial":

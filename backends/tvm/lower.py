@@ -208,7 +208,8 @@ def lower_graph(gm: fx.GraphModule, options: TvmOptions, target: tvm.target.Targ
             raise BackendError(f"input {spec.name!r}: dtype {spec.dtype} is not supported (only float32)")
     bb = relax.BlockBuilder()
     threads = options.num_threads or default_threads()
-    static = StaticModel(target, threads, getattr(options, "cpu", None))
+    arm_cpu = getattr(options, "cpu", None)  # tvm-arm: estimates are per core (one thread) of that CPU
+    static = StaticModel(target, 1 if arm_cpu else threads, arm_cpu)
     if options.cost_model == "measure":
         cost: HostTimer | StaticModel = HostTimer(target, threads)
         prior: StaticModel | None = static

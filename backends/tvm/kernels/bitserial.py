@@ -10,9 +10,10 @@
 Activation codes are bit-packed inside the PrimFunc (no extra call). For ``weight_encoding == "bipolar"`` a
 weight code ``c`` means ``2c - (2^wb - 1)``; the kernel counts ``sum a*c`` with unsigned popcounts and returns
 ``2 * sum(a*c) - (2^wb - 1) * sum(a)``, both terms exact in signed integers. The instruction selection follows
-the target: AArch64 -> NEON ``cnt`` kernel, x86 with AVX2 -> ``vpshufb`` kernel, anything else -> portable
-``llvm.ctpop`` kernel. Use a target that names the CPU (e.g. ``{"kind": "llvm", "mcpu": "znver3"}``) to get AVX2
-on x86; a bare ``{"kind": "llvm"}`` means baseline x86-64.
+the target: AArch64 -> NEON ``cnt`` kernel, x86 with AVX-512 VPOPCNTDQ -> ``vpopcntq`` kernel (zmm), x86 with
+AVX2 -> ``vpshufb`` kernel, anything else -> portable ``llvm.ctpop`` kernel. Use a target that names the CPU
+(e.g. ``{"kind": "llvm", "mcpu": "znver3"}``) to get AVX2 on x86; a bare ``{"kind": "llvm"}`` means baseline
+x86-64.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .layout import pack_weights_array
 from .microkernel import PopcountIsa, build_bitserial
 from .schedule_arm import NeonIsa
 from .schedule_generic import GenericIsa
-from .schedule_x86 import Avx2Isa
+from .schedule_x86 import Avx2Isa, Avx512PopcntIsa
 
 __all__ = [
     "ENCODINGS",
@@ -133,13 +134,16 @@ def _as_target(target: tvm.target.Target | Mapping[str, Any] | str) -> tvm.targe
 
 
 def select_isa(target: tvm.target.Target | Mapping[str, Any] | str) -> PopcountIsa:
-    """The instruction choice for ``target``: NEON on AArch64, AVX2 where LLVM's CPU has it, else portable."""
+    """The instruction choice for ``target``: NEON on AArch64; on x86 AVX-512 VPOPCNTDQ, else AVX2, where LLVM's
+    CPU has them; else portable."""
     target = _as_target(target)
     triple = str(target.attrs.get("mtriple", "") or "")
     if target.kind.name == "llvm":
         if triple.startswith(("aarch64", "arm64")):
             return NeonIsa()
         if not triple or triple.startswith(("x86_64", "i686", "i386")):
+            if bool(llvm_cpu_has_features(["avx512f", "avx512vpopcntdq"], target)):
+                return Avx512PopcntIsa()
             if bool(llvm_cpu_has_features(["avx2"], target)):
                 return Avx2Isa()
     return GenericIsa()

@@ -4,8 +4,13 @@
   ``uint64`` words, vectorized along the image row (contiguous in NCHW). With ``halves == 2`` the word is split
   into its low and high nibbles (``half 1`` holds bits 4..7 of every byte shifted down by 4) so that an AVX2
   kernel can look popcounts up with one byte shuffle per nibble and no masking.
+* :func:`emit_pixel_pairs`: the same planes with the words of neighbouring pixels side by side, for kernels that
+  count two pixels per vector.
 * :func:`emit_window_sums`: ``-(2^wb - 1) * sum(activation codes over the window)`` per output pixel, the whole
-  correction that turns an unsigned-weight accumulator into a bipolar one (``w = 2c - n``).
+  correction that turns an unsigned-weight accumulator into a bipolar one (``w = 2c - n``), summed from the codes.
+
+Stage buffers are allocated once per call; per-task scratch is avoided, since TVM serves every non-stack
+allocation inside a parallel loop with a ``TVMBackendAllocWorkspace`` call per task.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ __all__ = [
     "codes_loader",
     "out_index",
     "emit_activation_pack",
+    "emit_pixel_pairs",
     "emit_window_sums",
 ]
 
@@ -153,30 +159,68 @@ def emit_activation_pack(geom: ConvGeometry, codes: tirx.Buffer, halves: int) ->
     return apk
 
 
-def emit_window_sums(geom: ConvGeometry, apk: tirx.Buffer) -> tirx.Buffer:
-    """``wsum[n, oh, ow] = -(2^wb - 1) * sum of activation codes in the window`` (int32)."""
-    oh_n, ow_n = geom.out_h, geom.out_w
+def emit_pixel_pairs(geom: ConvGeometry, apk: tirx.Buffer) -> tirx.Buffer:
+    """The planes of :func:`emit_activation_pack` (``halves == 1``) as pixel pairs: ``(N, AB, Hp, Wp * words, 2)``.
+
+    Entry ``[n, ab, h, c * words + cw]`` holds word ``cw`` of columns ``c`` and ``c + s`` (``s`` the stride; zero
+    past the right edge): the two pixels a tap of neighbouring outputs reads. For an undilated kernel row the
+    words of tap ``kw`` of the pair at column ``c0`` sit at ``c0 * words + (kw * words + cw)``: one run of
+    consecutive entries per kernel row, and one 128-bit load per pair and word.
+    """
+    n_, ab_n, hp_n, wp_n, pw = geom.batch, geom.act_bits, geom.padded_h, geom.padded_w, geom.padded_words
+    sw = geom.stride[1]
+    pairs = T.alloc_buffer((n_, ab_n, hp_n, wp_n * pw, 2), "uint64")
+    with T.parallel(0, n_ * ab_n * hp_n) as nah:
+        n = nah // (ab_n * hp_n)
+        ab = (nah // hp_n) % ab_n
+        hp = nah % hp_n
+        with T.serial(0, pw) as cw:
+            with T.serial(0, wp_n) as c:
+                T.buffer_store(pairs, apk[n, ab, hp, cw, 0, c], [n, ab, hp, c * pw + cw, 0])
+                if wp_n > sw:
+                    with T.If(c < wp_n - sw):
+                        with T.Then():
+                            T.buffer_store(pairs, apk[n, ab, hp, cw, 0, c + sw], [n, ab, hp, c * pw + cw, 1])
+                        with T.Else():
+                            T.buffer_store(pairs, tirx.const(0, "uint64"), [n, ab, hp, c * pw + cw, 1])
+                else:
+                    T.buffer_store(pairs, tirx.const(0, "uint64"), [n, ab, hp, c * pw + cw, 1])
+    return pairs
+
+
+def emit_window_sums(geom: ConvGeometry, codes: tirx.Buffer) -> tirx.Buffer:
+    """``wsum[n, oh, ow] = -(2^wb - 1) * sum of activation codes in the window`` (int32).
+
+    Separable: first each padded pixel's code sum over its channels (plain int32 adds along the image row, which
+    LLVM vectorizes; zero in the padding), then a ``kernel_h x kernel_w`` box sum of those per output pixel, so
+    every code is added once rather than once per tap.
+    """
+    n_, hp_n, wp_n, oh_n, ow_n = geom.batch, geom.padded_h, geom.padded_w, geom.out_h, geom.out_w
     sh, sw = geom.stride
     dh, dw = geom.dilation
-    halves = int(apk.shape[4])
+    top, left = geom.pad[0], geom.pad[1]
     scale = -((1 << geom.weight_bits) - 1)
-    wsum = T.alloc_buffer((geom.batch, oh_n, ow_n), "int32")
-    with T.parallel(0, geom.batch * oh_n) as nh:
+    load = codes_loader(geom, codes)
+    sums = T.alloc_buffer((n_, hp_n, wp_n), "int32")
+    with T.parallel(0, n_ * hp_n) as nh:
+        n = nh // hp_n
+        hp = nh % hp_n
+        with T.serial(0, wp_n) as c:
+            T.buffer_store(sums, tirx.const(0, "int32"), [n, hp, c])
+        with T.If(tirx.all(hp >= top, hp < top + geom.in_h)):
+            with T.Then():
+                with T.serial(0, geom.in_channels) as ch:
+                    with T.serial(0, geom.in_w) as w:
+                        T.buffer_store(sums, sums[n, hp, left + w] + load(n, ch, hp - top, w), [n, hp, left + w])
+    wsum = T.alloc_buffer((n_, oh_n, ow_n), "int32")
+    with T.parallel(0, n_ * oh_n) as nh:
         n = nh // oh_n
         oh = nh % oh_n
-        acc = T.alloc_buffer((ow_n,), "int32", scope="local")
         with T.serial(0, ow_n) as ow:
-            T.buffer_store(acc, tirx.const(0, "int32"), [ow])
-        for ab in range(geom.act_bits):
-            with T.serial(0, geom.kernel_h) as kh:
-                with T.serial(0, geom.kernel_w) as kw:
-                    with T.serial(0, geom.padded_words) as cw:
-                        with T.serial(0, ow_n) as ow:
-                            total = acc[ow]
-                            for half in range(halves):
-                                word = apk[n, ab, oh * sh + kh * dh, cw, half, ow * sw + kw * dw]
-                                total = total + (tirx.Cast("int32", tirx.popcount(word)) << ab)
-                            T.buffer_store(acc, total, [ow])
-        with T.serial(0, ow_n) as ow:
-            T.buffer_store(wsum, acc[ow] * scale, [n, oh, ow])
+            total = None
+            for kh in range(geom.kernel_h):
+                for kw in range(geom.kernel_w):
+                    term = sums[n, oh * sh + kh * dh, ow * sw + kw * dw]
+                    total = term if total is None else total + term
+            T.buffer_store(wsum, total * scale, [n, oh, ow])
     return wsum

@@ -164,3 +164,37 @@ def test_network_emulated_equals_host_build(name: str, tmp_path: Path) -> None:
     want = host(x)
     torch.testing.assert_close(torch.from_numpy(logits), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     assert torch.equal(torch.from_numpy(logits).argmax(1), fxquant.convert(q, backend="torch")(x).argmax(1))
+
+
+@needs_cross_compiler
+@needs_emulation
+@pytest.mark.parametrize(
+    "cpu,kernel,instruction",
+    [
+        ("cortex-a76", {"dw": "direct", "*": "dot"}, "sdot"),  # 2-bit codes fit int8: sdot
+        ("cortex-a53", {"dw": "direct", "*": "dot"}, "smlal"),  # no dot product: int16 multiply-accumulate
+        ("neoverse-n1", "auto", None),  # the static model's own choice
+    ],
+)
+def test_named_core_builds_run_exactly(cpu: str, kernel, instruction: str | None, tmp_path: Path) -> None:
+    """Each named core's build, its dot-product kernels included, gives the integer reference's accumulators
+    under qemu (whose default CPU has every feature these cores have), and contains the core's instruction."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    q = quantized(ResidualNet(width=8), x, weight_bits=2, act_bits=2, first_last_bits=None)
+    art = fxquant.convert(q, backend="tvm-arm", output_dir=tmp_path / cpu, debug_accumulators=True, cpu=cpu,
+                          kernel=kernel)
+    assert art.manifest["arm_cpu"] == cpu and art.manifest["target"]["mcpu"] == cpu
+    layers = {e["name"]: e for e in art.manifest["layers"]}
+    if kernel != "auto":
+        assert {e["kernel"] for name, e in layers.items() if name != "dw"} == {"dot"}
+    for entry in layers.values():
+        assert entry["cost_model"] == "model" and entry["reason"]
+    if instruction is not None:
+        disassembly = subprocess.run([OBJDUMP, "-d", str(art.library)], capture_output=True, text=True).stdout
+        assert re.search(rf"\s{instruction}\s", disassembly)
+    outputs = run_under_qemu(art.path, [x.numpy()])
+    expected = reference_accumulators(fxquant.convert(q, backend="torch"), x)
+    names = [a["name"] for a in art.manifest["debug_accumulators"]]
+    for name, acc in zip(names, outputs[1:], strict=True):
+        np.testing.assert_array_equal(acc.astype(np.int64), expected[name].numpy())

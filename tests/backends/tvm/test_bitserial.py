@@ -223,7 +223,7 @@ def test_neon_kernel_object_has_cnt(tmp_path: Path):
     _arm_module().export_library(str(lib), fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
     dump = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(lib)], capture_output=True, text=True, check=True)
     assert re.search(r"\bcnt\s+v\d+\.16b", dump.stdout)
-    assert re.search(r"\bld1r\s+\{\s*v\d+\.2d", dump.stdout)
+    assert re.search(r"\band\s+v\d+\.16b", dump.stdout)  # pixel pairs AND weight pairs (no ld1r broadcast)
 
 
 @pytest.mark.skipif(not emulation_available(), reason=f"aarch64 emulation absent: {'; '.join(emulation_missing())}")
