@@ -2,7 +2,7 @@
 
 :class:`HostTimer` (``cost_model="measure"``) compiles each candidate alone, runs it on random codes in the
 layer's range, checks its accumulator against the integer reference (a kernel that disagrees is never chosen)
-and keeps the median time. Timings are cached on disk, keyed by CPU model, ISA flags, thread count, kernel
+and keeps the fastest run. Timings are cached on disk, keyed by CPU model, ISA flags, thread count, kernel
 version and the layer's shape and bits (``$FXQUANT_CACHE_DIR/kernel_costs.json``, default
 ``~/.cache/fxquant``), so a model converts at full speed the second time.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from fxquant.integer import IntegerLayer
 
 __all__ = ["KernelPlan", "HostTimer", "StaticModel", "KernelMismatch", "cost_cache_path", "host_identity"]
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: fastest sample (1 kept medians, which a busy machine inflates)
 
 
 @dataclass(frozen=True)
@@ -154,7 +153,7 @@ class HostTimer:
             start = time.perf_counter()
             lib(*args)
             samples.append(time.perf_counter() - start)
-        return statistics.median(samples)
+        return min(samples)  # the kernel's own time: other load on the machine only ever adds to a sample
 
 
 #: per-cycle throughput of one x86 core, by instruction choice: one-bit MACs (bit-serial) or multiply-adds;
