@@ -22,7 +22,9 @@ from fxquant.backends.tvm.arm_cores import arm_core
 from fxquant.backends.tvm.schedule_rules import CpuGeneric, unscheduled_functions
 from fxquant.errors import BackendError, ConfigError
 
-__all__ = ["BuildResult", "host_target_dict", "arm_target_dict", "make_target", "compile_module", "ARM_TRIPLE"]
+__all__ = [
+    "BuildResult", "has_feature", "host_target_dict", "arm_target_dict", "make_target", "compile_module", "ARM_TRIPLE",
+]
 
 ARM_TRIPLE = "aarch64-linux-gnu"
 
@@ -53,16 +55,18 @@ def make_target(base: Mapping[str, Any], overrides: Mapping[str, Any] | None) ->
         raise ConfigError(f"target={spec!r} is not a valid TVM target: {exc}") from exc
 
 
+def has_feature(target: tvm.target.Target, feature: str) -> bool:
+    """Whether LLVM will use ``feature`` for ``target``; False for a feature it does not know for the triple."""
+    try:
+        return bool(llvm_cpu_has_features([feature], target))
+    except Exception:  # a feature LLVM does not know for this triple
+        return False
+
+
 def target_features(target: tvm.target.Target) -> dict[str, bool]:
     """Which vector features LLVM will use for ``target`` (reported in the manifest)."""
     names = ("avx2", "fma", "popcnt", "avx512f") if "x86" in str(target.attrs.get("mtriple", "")) else ("neon",)
-    out = {}
-    for name in names:
-        try:
-            out[name] = bool(llvm_cpu_has_features([name], target))
-        except Exception:  # a feature LLVM does not know for this triple
-            out[name] = False
-    return out
+    return {name: has_feature(target, name) for name in names}
 
 
 @dataclass

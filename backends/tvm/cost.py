@@ -22,16 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import tvm
 from tvm import tirx
-from tvm.target.codegen import llvm_cpu_has_features
 
 from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry
 from fxquant.integer import IntegerLayer
+from fxquant.tvm_threads import ensure_pool_size
 
 __all__ = ["KernelPlan", "HostTimer", "StaticModel", "KernelMismatch", "cost_cache_path", "host_identity"]
 
@@ -133,8 +132,6 @@ class HostTimer:
         return self._entries[key]
 
     def _time(self, plan: KernelPlan, layer: IntegerLayer, geom: ConvGeometry | DenseGeometry) -> float:
-        from fxquant.tvm_threads import ensure_pool_size
-
         func, packed = plan.build()
         func = func.with_attr("global_symbol", "main")
         lib = tvm.compile(tvm.IRModule({"main": func}), target=self.target)
@@ -189,9 +186,7 @@ class StaticModel:
         if self.arm:
             from fxquant.backends.tvm.arm_cores import ARM_CORES
 
-            core = ARM_CORES[self.cpu or "generic"]
-            if plan.kind == "bitserial":
-                return core.popcount_ones_per_cycle * 0.8, core.clock_ghz
+            core = ARM_CORES[self.cpu or "generic"]  # bit-serial: see _arm_bitserial_us
             if plan.kind == "dot":
                 return core.int8_macs_per_cycle * (0.8 if plan.detail == "neon-sdot" else 0.5), core.clock_ghz
             return core.int8_macs_per_cycle * 0.25, core.clock_ghz
@@ -209,13 +204,3 @@ class StaticModel:
         cycles = work / rate + inputs * _PACK_CYCLES_PER_ELEMENT
         return round(cycles / ghz / 1e3 / max(1, self.threads), 2)
 
-
-def describe_cost_model(model: Any) -> str:
-    return getattr(model, "name", type(model).__name__)
-
-
-def has_feature(target: tvm.target.Target, feature: str) -> bool:
-    try:
-        return bool(llvm_cpu_has_features([feature], target))
-    except Exception:  # a feature LLVM does not know for this triple
-        return False

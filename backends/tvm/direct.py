@@ -17,7 +17,7 @@ from tvm import s_tir, te, tirx
 
 from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry
 
-__all__ = ["DirectKernel", "direct_conv2d", "direct_dense", "OC_BLOCK", "DIRECT_VERSION"]
+__all__ = ["DirectKernel", "conv_layout", "direct_conv2d", "direct_dense", "OC_BLOCK", "DIRECT_VERSION"]
 
 #: bumped whenever the generated code changes (cached timings of older kernels are not reused)
 DIRECT_VERSION = "direct-1"
@@ -154,6 +154,12 @@ def _schedule_pad(sch: s_tir.Schedule) -> None:
     sch.parallel(sch.fuse(loops[0], loops[1]))
 
 
+def conv_layout(geom: ConvGeometry) -> str:
+    """"oc-vector" when each vector of output channels reads the same input channels, else "row-vector"."""
+    out_per_group = geom.out_channels // geom.groups
+    return "oc-vector" if geom.groups == 1 or out_per_group % OC_BLOCK == 0 else "row-vector"
+
+
 def direct_conv2d(geom: ConvGeometry, data_dtype: str, weight_dtype: str, acc_dtype: str) -> DirectKernel:
     """Scheduled conv2d ``(data NCHW, packed weight, out NCHW)``; weights are packed by ``kernel.pack``.
 
@@ -161,8 +167,7 @@ def direct_conv2d(geom: ConvGeometry, data_dtype: str, weight_dtype: str, acc_dt
 
         k = direct_conv2d(geom, "int32", "int8", "int32")   # exact int32 accumulation of integer codes
     """
-    out_per_group = geom.out_channels // geom.groups
-    if geom.groups == 1 or out_per_group % OC_BLOCK == 0:
+    if conv_layout(geom) == "oc-vector":
         return _conv_oc_vector(geom, data_dtype, weight_dtype, acc_dtype)
     return _conv_row_vector(geom, data_dtype, weight_dtype, acc_dtype)
 

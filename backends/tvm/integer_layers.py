@@ -19,7 +19,7 @@ from tvm import relax
 from fxquant.backends.tvm import integer_ops
 from fxquant.backends.tvm.context import Converter, LayerRecord, LoweringContext
 from fxquant.backends.tvm.cost import KernelPlan
-from fxquant.backends.tvm.direct import DIRECT_VERSION, direct_conv2d, direct_dense
+from fxquant.backends.tvm.direct import DIRECT_VERSION, conv_layout, direct_conv2d, direct_dense
 from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry, conv_geometry
 from fxquant.backends.tvm.kernels.dot import KERNEL_VERSION as DOT_VERSION
 from fxquant.backends.tvm.kernels.dot import dot_conv2d, dot_dense, select_dot_isa
@@ -99,8 +99,7 @@ def _direct_plan(ctx: LoweringContext, layer: IntegerLayer, geom: ConvGeometry |
         kernel = ctx.cached(key, lambda: build(geom, "int32", weight_dtype, "int32"))
         return kernel.func, kernel.pack(layer.weight_int.detach().cpu().numpy())
 
-    layout = "oc-vector" if isinstance(geom, DenseGeometry) or geom.groups == 1 or (
-        geom.out_channels // geom.groups) % 8 == 0 else "row-vector"
+    layout = conv_layout(geom) if isinstance(geom, ConvGeometry) else "oc-vector"
     return KernelPlan("direct", layout, DIRECT_VERSION, ctx.once(("plan",) + key + (layer.name,), plan))
 
 

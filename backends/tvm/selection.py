@@ -1,11 +1,11 @@
 """Which kernel each integer layer gets, and why: the decision the manifest and ``report()`` show.
 
-Every layer has up to three exact candidates (:func:`candidate_kernels`): ``"bitserial"`` (popcounts over bit
-planes, when the kernel module is installed and accepts the layer), ``"dot"`` (int8/int16 dot-product
-instructions, ``groups == 1``) and ``"direct"`` (int32 multiply-adds, any layer). :func:`choose_kernel` takes
-the one the user forced for that layer (``kernel=`` option, globally or by layer name/glob), else the
-cheapest under the cost model (:mod:`fxquant.backends.tvm.cost`). A forced kernel that cannot compute the layer
-is an error naming the layer, never a silent substitute.
+Every layer has up to three exact candidates (gathered by the integer-layer converter): ``"bitserial"``
+(popcounts over bit planes, when the kernel module is installed and accepts the layer), ``"dot"`` (int8/int16
+dot-product instructions, ``groups == 1``) and ``"direct"`` (int32 multiply-adds, any layer).
+:func:`choose_kernel` takes the one the user forced for that layer (``kernel=`` option, globally or by layer
+name/glob), else the cheapest under the cost model (:mod:`fxquant.backends.tvm.cost`). A forced kernel that
+cannot compute the layer is an error naming the layer, never a silent substitute.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
 
 from fxquant.backends.tvm.cost import KernelMismatch, KernelPlan
 from fxquant.errors import BackendError
@@ -138,10 +137,11 @@ def choose_kernel(
             raise BackendError(f"layer {layer_name}: kernel={forced!r} was forced but cannot run it: {why}")
         return KernelChoice(forced, f"forced (kernel={forced!r})", {}, plans[forced])
     costs: dict[str, float] = {}
-    order = sorted(plans, key=lambda k: prior(plans[k])) if prior is not None else list(plans)
+    modelled = {kind: prior(plan) for kind, plan in plans.items()} if prior is not None else None
+    order = sorted(plans, key=modelled.__getitem__) if modelled is not None else list(plans)
     for kind in order if len(plans) > 1 else ():
-        if prior is not None and costs and prior(plans[kind]) > _PRUNE * min(costs.values()):
-            declined[kind] = f"modelled at {prior(plans[kind]):g} us, over {_PRUNE}x the fastest (not timed)"
+        if modelled is not None and costs and modelled[kind] > _PRUNE * min(costs.values()):
+            declined[kind] = f"modelled at {modelled[kind]:g} us, over {_PRUNE}x the fastest (not timed)"
             continue
         try:
             costs[kind] = cost(plans[kind])
@@ -164,6 +164,3 @@ def _explain(kind: str, costs: dict[str, float], declined: dict[str, str], cost_
     parts += [f"no {k}: {why}" for k, why in sorted(declined.items())]
     return "; ".join(parts) or "the only exact kernel for this layer"
 
-
-def describe_plans(plans: dict[str, KernelPlan]) -> dict[str, Any]:
-    return {kind: plan.detail for kind, plan in plans.items()}

@@ -35,8 +35,8 @@ import tvm
 from tvm import s_tir, te, tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
-from tvm.target.codegen import llvm_cpu_has_features
 
+from fxquant.backends.tvm.build import has_feature
 from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry
 
 __all__ = ["DotIsa", "DotKernel", "DOT_ISAS", "select_dot_isa", "dot_conv2d", "dot_dense", "KERNEL_VERSION"]
@@ -235,13 +235,6 @@ DOT_ISAS: dict[str, DotIsa] = {
 }
 
 
-def _has(target: tvm.target.Target, feature: str) -> bool:
-    try:
-        return bool(llvm_cpu_has_features([feature], target))
-    except Exception:  # a feature LLVM does not know for this triple
-        return False
-
-
 def select_dot_isa(
     target: tvm.target.Target,
     data_range: tuple[int, int],
@@ -253,10 +246,10 @@ def select_dot_isa(
     over a chain of one kernel row: ``kernel_w`` x the channel block)."""
     triple = str(target.attrs.get("mtriple", "") or "")
     if triple.startswith(("aarch64", "arm64")):
-        order = ["neon-sdot", "neon"] if _has(target, "dotprod") else ["neon"]
-    elif _has(target, "avx512vnni") and _has(target, "avx512bw"):
+        order = ["neon-sdot", "neon"] if has_feature(target, "dotprod") else ["neon"]
+    elif has_feature(target, "avx512vnni") and has_feature(target, "avx512bw"):
         order = ["avx512-vnni", "avx2"]
-    elif _has(target, "avx2"):
+    elif has_feature(target, "avx2"):
         order = ["avx2-u8s8", "avx2"]
     else:
         order = []

@@ -18,7 +18,7 @@ __all__ = ["GenericIsa"]
 
 
 class GenericIsa:
-    """Four output channels per vector of uint64 words."""
+    """Four output channels per vector of uint64 words (``oc_per_vector`` lanes; a subclass may widen it)."""
 
     name = "generic-llvm"
     halves = 1
@@ -28,10 +28,10 @@ class GenericIsa:
 
     def prepare_weights(self, geom: ConvGeometry, wpk: tirx.Buffer) -> WeightLoader:
         flat = flat_weights(geom, wpk)
-        return lambda row, half, lane0: flat[row, ramp(lane0, 4)]
+        return lambda row, half, lane0: flat[row, ramp(lane0, self.oc_per_vector)]
 
     def broadcast(self, word: tirx.Expr) -> tirx.Expr:
-        return tirx.Broadcast(word, 4)
+        return tirx.Broadcast(word, self.oc_per_vector)
 
     def count(self, a: Sequence[tirx.Expr], w: Sequence[tirx.Expr]) -> tirx.Expr:
         return tirx.Cast("int64x4", tirx.popcount(a[0] & w[0]))

@@ -23,6 +23,7 @@ from tvm.script.ir_builder import tirx as T
 from .geometry import ConvGeometry
 from .layout import OC_BLOCK
 from .microkernel import Tiling, WeightLoader, flat_weights, weight_rows
+from .schedule_generic import GenericIsa
 from .stages import ramp, vconst
 
 __all__ = ["Avx2Isa", "Avx512PopcntIsa"]
@@ -99,7 +100,7 @@ class Avx2Isa:
 _AVX512_MAX_TILE = 14
 
 
-class Avx512PopcntIsa:
+class Avx512PopcntIsa(GenericIsa):
     """AVX-512 VPOPCNTDQ: eight output channels (uint64 words) per 512-bit register, 64-bit counters.
 
     One step for eight channels is ``vpandq`` (the activation broadcast folded in as ``{1to8}``), ``vpopcntq`` and
@@ -108,17 +109,8 @@ class Avx512PopcntIsa:
     """
 
     name = "x86-avx512-vpopcntdq"
-    halves = 1
     oc_per_vector = 8
     counter_dtype = "uint64x8"
-    chunked = False
-
-    def prepare_weights(self, geom: ConvGeometry, wpk: tirx.Buffer) -> WeightLoader:
-        flat = flat_weights(geom, wpk)
-        return lambda row, half, lane0: flat[row, ramp(lane0, self.oc_per_vector)]
-
-    def broadcast(self, word: tirx.Expr) -> tirx.Expr:
-        return tirx.Broadcast(word, self.oc_per_vector)
 
     def count(self, a: Sequence[tirx.Expr], w: Sequence[tirx.Expr]) -> tirx.Expr:
         return tirx.popcount(a[0] & w[0])
