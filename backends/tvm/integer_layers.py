@@ -22,7 +22,7 @@ from fxquant.backends.tvm.cost import KernelPlan
 from fxquant.backends.tvm.direct import DIRECT_VERSION, conv_layout, direct_conv2d, direct_dense
 from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry, conv_geometry
 from fxquant.backends.tvm.kernels.dot import KERNEL_VERSION as DOT_VERSION
-from fxquant.backends.tvm.kernels.dot import dot_conv2d, dot_dense, select_dot_isa
+from fxquant.backends.tvm.kernels.dot import chain_plan, dense_as_conv, dot_conv2d, dot_dense, select_dot_isa
 from fxquant.backends.tvm.selection import (
     bitserial_problem,
     choose_kernel,
@@ -106,12 +106,15 @@ def _direct_plan(ctx: LoweringContext, layer: IntegerLayer, geom: ConvGeometry |
 def _dot_plan(ctx: LoweringContext, layer: IntegerLayer, geom: ConvGeometry | DenseGeometry) -> KernelPlan:
     kernel_w = geom.kernel[1] if isinstance(geom, ConvGeometry) else 1
     channels = geom.in_channels if isinstance(geom, ConvGeometry) else geom.in_features
-    isa = select_dot_isa(ctx.target, *value_ranges(layer), kernel_w, channels)
-    key = ("dot", geom, isa.name)
+    ranges = value_ranges(layer)
+    isa = select_dot_isa(ctx.target, *ranges, kernel_w, channels)
+    conv = geom if isinstance(geom, ConvGeometry) else dense_as_conv(geom)
+    chain = chain_plan(conv, isa, *ranges)
+    key = ("dot", geom, isa.name, chain)
     build = dot_conv2d if isinstance(geom, ConvGeometry) else dot_dense
 
     def plan() -> tuple[Any, np.ndarray]:
-        kernel = ctx.cached(key, lambda: build(geom, isa))
+        kernel = ctx.cached(key, lambda: build(geom, isa, chain))
         return kernel.func, kernel.pack(layer.weight_int.detach().cpu().numpy().astype(np.int64))
 
     return KernelPlan("dot", isa.name, DOT_VERSION, ctx.once(("plan",) + key + (layer.name,), plan))

@@ -39,10 +39,14 @@ from tvm.script import tirx as T
 from fxquant.backends.tvm.build import has_feature
 from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry
 
-__all__ = ["DotIsa", "DotKernel", "DOT_ISAS", "select_dot_isa", "dot_conv2d", "dot_dense", "KERNEL_VERSION"]
+__all__ = [
+    "Chain", "DotIsa", "DotKernel", "DOT_ISAS", "chain_plan", "select_dot_isa", "dot_conv2d", "dot_dense",
+    "dense_as_conv",
+    "KERNEL_VERSION",
+]
 
 #: bumped whenever the generated code changes, so cached timings of older kernels are not reused
-KERNEL_VERSION = "dot-1"
+KERNEL_VERSION = "dot-2"
 
 _RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-(2**15), 2**15 - 1)}
 
@@ -59,7 +63,7 @@ class DotIsa:
     intrin: str | None  # registered TensorIntrin name, or None: plain vectorized loop
     tile_w: int  # output pixels per register tile
     oc_vectors: int  # accumulator vectors per pixel in the tile
-    chain16: bool = False  # partial sums of a kernel row are formed in int16 lanes, then widened once
+    chain16: bool = False  # partial sums of a chain (see :class:`Chain`) are formed in int16 lanes, then widened
 
     def accepts(self, data_range: tuple[int, int], weight_range: tuple[int, int], chain_steps: int = 1) -> bool:
         """Whether every activation value and weight fits the operand types exactly and, for ``chain16``, whether
@@ -261,6 +265,32 @@ def select_dot_isa(
 
 
 @dataclass(frozen=True)
+class Chain:
+    """How far an ``avx2-u8s8`` int16 chain runs before it is widened into int32: ``rows`` kernel rows of
+    ``blocks`` channel blocks (the least, one row of one block, is what :func:`select_dot_isa` checked)."""
+
+    blocks: int = 1
+    rows: int = 1
+
+
+def chain_plan(geom: ConvGeometry, isa: DotIsa, data_range: tuple[int, int], weight_range: tuple[int, int]) -> Chain:
+    """The longest chain these value ranges keep exact: the whole kernel window of as many channel blocks as
+    fit, else one kernel row. Fewer widenings, longer inner loops (low-bit layers chain the whole window)."""
+    if not isa.chain16:
+        return Chain()
+    kh, kw = geom.kernel
+    cb = min(isa.channel_block, _ceil_to(geom.in_channels, isa.k))
+    blocks = -(-geom.in_channels // cb)
+    largest = max(abs(v) for v in data_range) * max(abs(v) for v in weight_range)
+    max_steps = (2**15 - 1) // (2 * max(largest, 1))
+    window = kh * kw * (cb // isa.k)
+    if window > max_steps:
+        return Chain()
+    fitting = [g for g in range(1, blocks + 1) if blocks % g == 0 and g * window <= max_steps]
+    return Chain(blocks=max(fitting), rows=kh)
+
+
+@dataclass(frozen=True)
 class DotKernel:
     """A scheduled PrimFunc ``(data int32, packed_weight, out int32)`` and how to pack a weight for it."""
 
@@ -308,7 +338,7 @@ def _pack_weight(weight: np.ndarray, geom: ConvGeometry, isa: DotIsa, blk: _Bloc
     return np.ascontiguousarray(tiled.transpose(0, 2, 5, 6, 3, 1, 4)).astype(isa.weight_dtype)
 
 
-def _conv_compute(geom: ConvGeometry, isa: DotIsa, blk: _Blocking, dense: bool) -> list[te.Tensor]:
+def _conv_compute(geom: ConvGeometry, isa: DotIsa, blk: _Blocking, dense: bool, chain: Chain) -> list[te.Tensor]:
     """The math: pack activations into channel blocks, then the blocked int32 dot-product reduction."""
     n_, c_, h_, w_ = geom.input_shape
     kh_, kw_ = geom.kernel
@@ -336,16 +366,22 @@ def _conv_compute(geom: ConvGeometry, isa: DotIsa, blk: _Blocking, dense: bool) 
     rc = te.reduce_axis((0, cb // k), "rc")
     acc_shape = (n_, blk.oc_tiles, geom.out_height, blk.padded_out_w, lanes)
     if isa.chain16:
-        # the same sum, grouped: int16 partial sums over one kernel row of a channel block, in two halves of
-        # the K channels (the pairs one vpmaddubsw adds), then widened into the int32 accumulator
+        # the same sum, grouped: int16 partial sums over a chain (``chain.rows`` kernel rows of ``chain.blocks``
+        # channel blocks), in two halves of the K channels (the pairs one vpmaddubsw adds), then widened once
         rj = te.reduce_axis((0, k // 2), "rj")
+        rbi = te.reduce_axis((0, chain.blocks), "rbi")
+        ryi = te.reduce_axis((0, chain.rows), "ryi")
 
-        def part_value(n, t, y, x, b, ky, lane, h):
+        def part_value(n, t, y, x, g, yo, lane, h):
+            b, ky = g * chain.blocks + rbi, yo * chain.rows + ryi
             a = pack[n, b, y * sh + ky * dh, x * sw + rx * dw, rc * k + h * (k // 2) + rj].astype("int16")
             w = weight[t, b, ky, rx, rc, lane, h * (k // 2) + rj].astype("int16")
-            return te.sum(a * w, axis=[rx, rc, rj])
+            return te.sum(a * w, axis=[rbi, ryi, rx, rc, rj])
 
-        part = te.compute((*acc_shape[:4], blk.channel_blocks, kh_, lanes, 2), part_value, name="part")
+        groups, row_groups = blk.channel_blocks // chain.blocks, kh_ // chain.rows
+        part = te.compute((*acc_shape[:4], groups, row_groups, lanes, 2), part_value, name="part")
+        rb = te.reduce_axis((0, groups), "rb")
+        ry = te.reduce_axis((0, row_groups), "ry")
         rh = te.reduce_axis((0, 2), "rh")
         acc = te.compute(
             acc_shape,
@@ -369,8 +405,9 @@ def _conv_compute(geom: ConvGeometry, isa: DotIsa, blk: _Blocking, dense: bool) 
     return [data, weight, out]
 
 
-def _schedule_chained(func: tirx.PrimFunc, blk: _Blocking, oc_vectors: int, kernel_w: int) -> tirx.PrimFunc:
-    """Register tile of int32 accumulators; per kernel row, a tile of int16 partials fed by vpmaddubsw."""
+def _schedule_chained(func: tirx.PrimFunc, blk: _Blocking, oc_vectors: int, kernel_w: int,
+                      chain: Chain) -> tirx.PrimFunc:
+    """Register tile of int32 accumulators; per chain, a tile of int16 partials fed by vpmaddubsw."""
     sch = s_tir.Schedule(func)
     acc_b, part_b = sch.get_sblock("acc"), sch.get_sblock("part")
     out_b, pack_b = sch.get_sblock("out"), sch.get_sblock("pack")
@@ -386,13 +423,13 @@ def _schedule_chained(func: tirx.PrimFunc, blk: _Blocking, oc_vectors: int, kern
     loops = sch.get_loops(part_b)
     below_row = loops[next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(ry))) + 1:]
     # compute_at leaves out loops of extent 1: name the remaining ones by the extents they must have
-    expected = {"t": oc_vectors, "x": blk.tile_w, "lane": 8, "h": 2, "rx": kernel_w,
-                "rc": blk.channel_block // 4, "rj": 2}
+    expected = {"t": oc_vectors, "x": blk.tile_w, "lane": 8, "h": 2, "rbi": chain.blocks, "ryi": chain.rows,
+                "rx": kernel_w, "rc": blk.channel_block // 4, "rj": 2}
     names = [name for name, extent in expected.items() if extent > 1]
     assert [int(sch.get(loop).extent) for loop in below_row] == [expected[n] for n in names], "unexpected loops"
     loop = dict(zip(names, below_row, strict=True))
     tile = [loop[n] for n in ("t", "x") if n in loop]
-    reductions = [loop[n] for n in ("rx", "rc") if n in loop]
+    reductions = [loop[n] for n in ("rbi", "ryi", "rx", "rc") if n in loop]
     sch.reorder(*reductions, *tile, loop["lane"], loop["h"], loop["rj"])
     init16 = sch.decompose_reduction(part_b, (reductions + tile + [loop["lane"]])[0])
     sch.vectorize(sch.fuse(*sch.get_loops(init16)[-2:]))
@@ -414,9 +451,10 @@ def _schedule_pack(sch: s_tir.Schedule, pack_b: Any) -> None:
     sch.unroll(pc)
 
 
-def _schedule(func: tirx.PrimFunc, isa: DotIsa, blk: _Blocking, oc_vectors: int, kernel_w: int) -> tirx.PrimFunc:
+def _schedule(func: tirx.PrimFunc, isa: DotIsa, blk: _Blocking, oc_vectors: int, kernel_w: int,
+              chain: Chain) -> tirx.PrimFunc:
     if isa.chain16:
-        return _schedule_chained(func, blk, oc_vectors, kernel_w)
+        return _schedule_chained(func, blk, oc_vectors, kernel_w, chain)
     sch = s_tir.Schedule(func)
     acc_b, out_b, pack_b = sch.get_sblock("acc"), sch.get_sblock("out"), sch.get_sblock("pack")
     n, t, y, x, lane, rb, ry, rx, rc, rk = sch.get_loops(acc_b)
@@ -439,11 +477,11 @@ def _schedule(func: tirx.PrimFunc, isa: DotIsa, blk: _Blocking, oc_vectors: int,
     return sch.mod["main"]
 
 
-def _build(geom: ConvGeometry, isa: DotIsa, dense: bool) -> DotKernel:
+def _build(geom: ConvGeometry, isa: DotIsa, dense: bool, chain: Chain) -> DotKernel:
     blk = _blocking(geom, isa)
-    func = te.create_prim_func(_conv_compute(geom, isa, blk, dense))
+    func = te.create_prim_func(_conv_compute(geom, isa, blk, dense, chain))
     oc_vectors = min(isa.oc_vectors, blk.oc_tiles)
-    scheduled = _schedule(func, isa, blk, oc_vectors, geom.kernel[1]).with_attr("fxquant.dot_isa", isa.name)
+    scheduled = _schedule(func, isa, blk, oc_vectors, geom.kernel[1], chain).with_attr("fxquant.dot_isa", isa.name)
 
     def pack(weight: np.ndarray) -> np.ndarray:
         w = weight.reshape(weight.shape[0], weight.shape[1], 1, 1) if dense else weight
@@ -452,21 +490,25 @@ def _build(geom: ConvGeometry, isa: DotIsa, dense: bool) -> DotKernel:
     return DotKernel(scheduled, pack, isa)
 
 
-def dot_conv2d(geom: ConvGeometry, isa: DotIsa) -> DotKernel:
+def dot_conv2d(geom: ConvGeometry, isa: DotIsa, chain: Chain = Chain()) -> DotKernel:
     """Scheduled conv2d ``(data int32 NCHW, packed weight, out int32 NCHW)`` for ``groups == 1``.
 
     Example::
 
-        isa = select_dot_isa(target, (0, 255), (-128, 127))
-        kernel = dot_conv2d(geom, isa)          # weights go in as kernel.pack(weight_int)
+        isa = select_dot_isa(target, (0, 15), (-8, 7))
+        kernel = dot_conv2d(geom, isa, chain_plan(geom, isa, (0, 15), (-8, 7)))  # weights go in as kernel.pack(w)
     """
     if geom.groups != 1:
         raise ValueError(f"the dot-product kernel takes groups=1 convolutions, got groups={geom.groups}")
-    return _build(geom, isa, dense=False)
+    return _build(geom, isa, dense=False, chain=chain)
 
 
-def dot_dense(geom: DenseGeometry, isa: DotIsa) -> DotKernel:
-    """Scheduled dense ``(data int32 (N, K), packed weight, out int32 (N, O))``: a 1x1 convolution of a 1x1 image."""
-    conv = ConvGeometry(geom.batch, geom.in_features, 1, 1, geom.out_features, (1, 1), (1, 1), (0, 0, 0, 0),
+def dense_as_conv(geom: DenseGeometry) -> ConvGeometry:
+    """A dense layer as the 1x1 convolution of a 1x1 image that the kernels compute."""
+    return ConvGeometry(geom.batch, geom.in_features, 1, 1, geom.out_features, (1, 1), (1, 1), (0, 0, 0, 0),
                         (1, 1), 1)
-    return _build(conv, isa, dense=True)
+
+
+def dot_dense(geom: DenseGeometry, isa: DotIsa, chain: Chain = Chain()) -> DotKernel:
+    """Scheduled dense ``(data int32 (N, K), packed weight, out int32 (N, O))``: a 1x1 convolution of a 1x1 image."""
+    return _build(dense_as_conv(geom), isa, dense=True, chain=chain)

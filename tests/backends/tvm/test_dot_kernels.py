@@ -9,7 +9,7 @@ import tvm
 
 from fxquant.backends.tvm.build import host_target_dict, make_target
 from fxquant.backends.tvm.geometry import DenseGeometry, conv_geometry
-from fxquant.backends.tvm.kernels.dot import DOT_ISAS, dot_conv2d, dot_dense, select_dot_isa
+from fxquant.backends.tvm.kernels.dot import DOT_ISAS, Chain, chain_plan, dot_conv2d, dot_dense, select_dot_isa
 
 HOST = make_target(host_target_dict(), None)
 HOST_HAS_AVX2 = select_dot_isa(HOST, (0, 255), (-128, 127)).name in ("avx2", "avx512-vnni")
@@ -115,6 +115,36 @@ def test_u8s8_chain_at_its_int16_limit() -> None:
         got = _run(dot_conv2d(geom, isa), x, w, geom.output_shape)
         np.testing.assert_array_equal(got, _conv_reference(x, w, 1, 1, 1))
     assert int(np.abs(got).max()) == 63 * 21 * 16 * 9
+
+
+def test_chain_plan_takes_the_longest_exact_chain() -> None:
+    """Low-bit ranges chain whole windows of several channel blocks; 8-bit-wide ones fall back to a row."""
+    isa = DOT_ISAS["avx2-u8s8"]
+    geom = conv_geometry((1, 64, 8, 8), (16, 64, 3, 3), 1, 1, 1, 1)  # 4 blocks of 16 channels, 36 steps each
+    assert chain_plan(geom, isa, (0, 15), (-8, 7)) == Chain(blocks=2, rows=3)  # 72 steps x 240 <= 32767 < 144
+    assert chain_plan(geom, isa, (0, 3), (-2, 1)) == Chain(blocks=4, rows=3)
+    assert chain_plan(geom, isa, (0, 63), (-21, 21)) == Chain()  # a window (36 steps) would wrap; a row fits
+    assert chain_plan(geom, DOT_ISAS["avx2"], (0, 3), (-2, 1)) == Chain()  # int32 accumulation: nothing to chain
+
+
+@needs_avx2
+@pytest.mark.parametrize("ranges", [((0, 15), (-8, 7)), ((0, 3), (-2, 1)), ((0, 1), (-1, 1))])
+def test_chained_conv_exact_at_extreme_codes(ranges) -> None:
+    """Every code at its extreme through the longest chain the plan allows: no int16 lane wraps."""
+    (alo, ahi), (wlo, whi) = ranges
+    isa = DOT_ISAS["avx2-u8s8"]
+    geom = conv_geometry((1, 64, 5, 6), (24, 64, 3, 3), 1, 1, 1, 1)
+    chain = chain_plan(geom, isa, (alo, ahi), (wlo, whi))
+    assert chain.rows == 3 and chain.blocks >= 2
+    rng = np.random.default_rng(5)
+    x = np.full(geom.input_shape, ahi, np.int32)
+    for w in (np.full(geom.weight_shape, wlo, np.int64), np.full(geom.weight_shape, whi, np.int64),
+              rng.integers(wlo, whi + 1, geom.weight_shape)):
+        got = _run(dot_conv2d(geom, isa, chain), x, w, geom.output_shape)
+        np.testing.assert_array_equal(got, _conv_reference(x, w, 1, 1, 1))
+    x = rng.integers(alo, ahi + 1, geom.input_shape).astype(np.int32)
+    got = _run(dot_conv2d(geom, isa, chain), x, w, geom.output_shape)
+    np.testing.assert_array_equal(got, _conv_reference(x, w, 1, 1, 1))
 
 
 def test_isa_choice_follows_target_and_ranges() -> None:
