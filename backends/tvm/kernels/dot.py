@@ -21,6 +21,9 @@ ISA                       operands       lanes   K    instruction
 None of these saturates: ``vpdpbusd`` and ``sdot`` accumulate 4 products straight into int32 and ``vpmaddwd``
 adds two int16 x int16 products into int32 (``vpmaddubsw``, which adds in int16 with saturation, is not used).
 Each ISA states which value ranges it takes (:meth:`DotIsa.accepts`); the caller picks another one otherwise.
+``avx2-u8s8`` adds in int16 lanes over a chain of steps and widens once per chain; :func:`chain_plan` makes
+the chain as long as the layer's value ranges keep exact. Convolutions with few input channels fold their
+kernel columns into the channel axis (:func:`folds_kernel_columns`) so a block is not mostly padding.
 """
 
 from __future__ import annotations
@@ -41,12 +44,12 @@ from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry
 
 __all__ = [
     "Chain", "DotIsa", "DotKernel", "DOT_ISAS", "chain_plan", "select_dot_isa", "dot_conv2d", "dot_dense",
-    "dense_as_conv",
+    "dense_as_conv", "folds_kernel_columns",
     "KERNEL_VERSION",
 ]
 
 #: bumped whenever the generated code changes, so cached timings of older kernels are not reused
-KERNEL_VERSION = "dot-2"
+KERNEL_VERSION = "dot-3"
 
 _RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-(2**15), 2**15 - 1)}
 
@@ -278,9 +281,10 @@ def chain_plan(geom: ConvGeometry, isa: DotIsa, data_range: tuple[int, int], wei
     fit, else one kernel row. Fewer widenings, longer inner loops (low-bit layers chain the whole window)."""
     if not isa.chain16:
         return Chain()
-    kh, kw = geom.kernel
-    cb = min(isa.channel_block, _ceil_to(geom.in_channels, isa.k))
-    blocks = -(-geom.in_channels // cb)
+    work = _working_geometry(geom, isa)
+    kh, kw = work.kernel
+    cb = _blocking(work, isa, work is not geom).channel_block
+    blocks = -(-work.in_channels // cb)
     largest = max(abs(v) for v in data_range) * max(abs(v) for v in weight_range)
     max_steps = (2**15 - 1) // (2 * max(largest, 1))
     window = kh * kw * (cb // isa.k)
@@ -303,6 +307,43 @@ def _ceil_to(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+#: a folded channel block holds at most this many channels (one block: every step reads one pixel)
+MAX_FOLDED_CHANNELS = 64
+
+
+def _row_steps(channels: int, kernel_w: int, block: int, k: int) -> int:
+    """Instructions per output vector per kernel row: ``kernel_w`` pixels of zero-padded channel blocks."""
+    return kernel_w * _ceil_to(channels, block) // k
+
+
+def folds_kernel_columns(geom: ConvGeometry, isa: DotIsa) -> bool:
+    """Whether the kernel's columns go into the channel axis (a stem's 3 channels x 7 columns: one block of
+    21 values padded to 22 or 24, instead of 7 blocks of 3 padded to 4): where it takes fewer instructions."""
+    kw, channels = geom.kernel[1], geom.in_channels
+    if geom.groups != 1 or kw == 1 or geom.dilation[1] != 1 or _ceil_to(channels * kw, isa.k) > MAX_FOLDED_CHANNELS:
+        return False
+    plain = _row_steps(channels, kw, min(isa.channel_block, _ceil_to(channels, isa.k)), isa.k)
+    return _row_steps(channels * kw, 1, _ceil_to(channels * kw, isa.k), isa.k) < plain
+
+
+def _working_geometry(geom: ConvGeometry, isa: DotIsa) -> ConvGeometry:
+    """The convolution the reduction runs: ``geom`` itself, or with the kernel columns folded into channels
+    (a (kh, 1) kernel over a virtual input whose pixel x holds input pixels x, x + d, ..., x + (kw-1) d)."""
+    if not folds_kernel_columns(geom, isa):
+        return geom
+    (kh, kw), (dh, dw) = geom.kernel, geom.dilation
+    top, left, bottom, right = geom.padding
+    width = geom.width + left + right - (kw - 1) * dw
+    return ConvGeometry(geom.batch, geom.in_channels * kw, geom.height, width, geom.out_channels, (kh, 1),
+                        geom.stride, (top, 0, bottom, 0), (dh, 1), 1)
+
+
+def _folded_weight(weight: np.ndarray) -> np.ndarray:
+    """OIHW -> O (kw*C) H 1, channels column-major: folded channel ``kx * C + c`` is ``weight[:, c, :, kx]``."""
+    o, c, kh, kw = weight.shape
+    return weight.transpose(0, 3, 1, 2).reshape(o, kw * c, kh, 1)
+
+
 @dataclass(frozen=True)
 class _Blocking:
     """Padded extents of one layer for an ISA."""
@@ -316,8 +357,8 @@ class _Blocking:
     padded_w: int
 
 
-def _blocking(geom: ConvGeometry, isa: DotIsa) -> _Blocking:
-    cb = min(isa.channel_block, _ceil_to(geom.in_channels, isa.k))
+def _blocking(geom: ConvGeometry, isa: DotIsa, folded: bool = False) -> _Blocking:
+    cb = _ceil_to(geom.in_channels, isa.k) if folded else min(isa.channel_block, _ceil_to(geom.in_channels, isa.k))
     oc_vectors = min(isa.oc_vectors, -(-geom.out_channels // isa.lanes))
     tiles = _ceil_to(-(-geom.out_channels // isa.lanes), oc_vectors)
     tile_w = min(isa.tile_w, geom.out_width)
@@ -338,11 +379,13 @@ def _pack_weight(weight: np.ndarray, geom: ConvGeometry, isa: DotIsa, blk: _Bloc
     return np.ascontiguousarray(tiled.transpose(0, 2, 5, 6, 3, 1, 4)).astype(isa.weight_dtype)
 
 
-def _conv_compute(geom: ConvGeometry, isa: DotIsa, blk: _Blocking, dense: bool, chain: Chain) -> list[te.Tensor]:
-    """The math: pack activations into channel blocks, then the blocked int32 dot-product reduction."""
+def _conv_compute(geom: ConvGeometry, work: ConvGeometry, isa: DotIsa, blk: _Blocking, dense: bool,
+                  chain: Chain) -> list[te.Tensor]:
+    """The math: pack activations into channel blocks, then the blocked int32 dot-product reduction over the
+    working geometry ``work`` (``geom``, or ``geom`` with its kernel columns folded into the channels)."""
     n_, c_, h_, w_ = geom.input_shape
-    kh_, kw_ = geom.kernel
-    (sh, sw), (dh, dw) = geom.stride, geom.dilation
+    kh_, kw_ = work.kernel
+    (sh, sw), (dh, dw) = work.stride, work.dilation
     top, left = geom.padding[0], geom.padding[1]
     lanes, k, cb = isa.lanes, isa.k, blk.channel_block
     data = te.placeholder((n_, c_) if dense else geom.input_shape, "int32", name="data")
@@ -353,13 +396,35 @@ def _conv_compute(geom: ConvGeometry, isa: DotIsa, blk: _Blocking, dense: bool, 
     def load(n, c, y, x):
         return data[n, c] if dense else data[n, c, y, x]
 
-    def packed(n, b, y, x, c):
-        ch = b * cb + c
-        inside = tirx.all(y >= top, y < h_ + top, x >= left, x < w_ + left, ch < c_)
-        value = tirx.if_then_else(inside, load(n, tirx.min(ch, c_ - 1), y - top, x - left), 0)
-        return value.astype(isa.data_dtype)
+    def inside(y, x, c):
+        return tirx.all(y >= top, y < h_ + top, x >= left, x < w_ + left, c < c_)
 
-    pack = te.compute((n_, blk.channel_blocks, blk.padded_h, blk.padded_w, cb), packed, name="pack")
+    if work is geom:
+        def packed(n, b, y, x, c):
+            ch = b * cb + c
+            value = tirx.if_then_else(inside(y, x, ch), load(n, tirx.min(ch, c_ - 1), y - top, x - left), 0)
+            return value.astype(isa.data_dtype)
+
+        pack = te.compute((n_, blk.channel_blocks, blk.padded_h, blk.padded_w, cb), packed, name="pack")
+
+        def act(n, b, yy, x, rx, c):
+            return pack[n, b, yy, x * sw + rx * dw, c]
+    else:
+        # folded: padded NHWC rows without channel padding, so the kernel columns of one output pixel are the
+        # contiguous values x*sw*C ... x*sw*C + kw*C - 1 of a row (the block's padding reads past them, into
+        # values that meet zero weights; the row has that much slack)
+        row = (geom.width + geom.padding[1] + geom.padding[3]) * c_ + cb
+
+        def packed_row(n, y, i):
+            x, c = i // c_, i % c_
+            value = tirx.if_then_else(inside(y, x, c), load(n, c, y - top, x - left), 0)
+            return value.astype(isa.data_dtype)
+
+        pack = te.compute((n_, blk.padded_h, row), packed_row, name="pack")
+
+        def act(n, b, yy, x, rx, c):
+            return pack[n, yy, x * sw * c_ + c]
+
     rb = te.reduce_axis((0, blk.channel_blocks), "rb")
     ry = te.reduce_axis((0, kh_), "ry")
     rx = te.reduce_axis((0, kw_), "rx")
@@ -374,7 +439,7 @@ def _conv_compute(geom: ConvGeometry, isa: DotIsa, blk: _Blocking, dense: bool, 
 
         def part_value(n, t, y, x, g, yo, lane, h):
             b, ky = g * chain.blocks + rbi, yo * chain.rows + ryi
-            a = pack[n, b, y * sh + ky * dh, x * sw + rx * dw, rc * k + h * (k // 2) + rj].astype("int16")
+            a = act(n, b, y * sh + ky * dh, x, rx, rc * k + h * (k // 2) + rj).astype("int16")
             w = weight[t, b, ky, rx, rc, lane, h * (k // 2) + rj].astype("int16")
             return te.sum(a * w, axis=[rbi, ryi, rx, rc, rj])
 
@@ -392,7 +457,7 @@ def _conv_compute(geom: ConvGeometry, isa: DotIsa, blk: _Blocking, dense: bool, 
         rk = te.reduce_axis((0, k), "rk")
 
         def acc_value(n, t, y, x, lane):
-            a = pack[n, rb, y * sh + ry * dh, x * sw + rx * dw, rc * k + rk].astype("int32")
+            a = act(n, rb, y * sh + ry * dh, x, rx, rc * k + rk).astype("int32")
             return te.sum(a * weight[t, rb, ry, rx, rc, lane, rk].astype("int32"), axis=[rb, ry, rx, rc, rk])
 
         acc = te.compute(acc_shape, acc_value, name="acc")
@@ -446,7 +511,11 @@ def _schedule_chained(func: tirx.PrimFunc, blk: _Blocking, oc_vectors: int, kern
 
 
 def _schedule_pack(sch: s_tir.Schedule, pack_b: Any) -> None:
-    pn, pb, py, px, pc = sch.get_loops(pack_b)
+    loops = sch.get_loops(pack_b)
+    if len(loops) == 3:  # folded rows
+        sch.parallel(sch.fuse(*loops[:2]))
+        return
+    pn, pb, py, px, pc = loops
     sch.parallel(sch.fuse(pn, pb, py))
     sch.unroll(pc)
 
@@ -478,14 +547,16 @@ def _schedule(func: tirx.PrimFunc, isa: DotIsa, blk: _Blocking, oc_vectors: int,
 
 
 def _build(geom: ConvGeometry, isa: DotIsa, dense: bool, chain: Chain) -> DotKernel:
-    blk = _blocking(geom, isa)
-    func = te.create_prim_func(_conv_compute(geom, isa, blk, dense, chain))
+    work = _working_geometry(geom, isa)
+    folded = work is not geom
+    blk = _blocking(work, isa, folded)
+    func = te.create_prim_func(_conv_compute(geom, work, isa, blk, dense, chain))
     oc_vectors = min(isa.oc_vectors, blk.oc_tiles)
-    scheduled = _schedule(func, isa, blk, oc_vectors, geom.kernel[1], chain).with_attr("fxquant.dot_isa", isa.name)
+    scheduled = _schedule(func, isa, blk, oc_vectors, work.kernel[1], chain).with_attr("fxquant.dot_isa", isa.name)
 
     def pack(weight: np.ndarray) -> np.ndarray:
         w = weight.reshape(weight.shape[0], weight.shape[1], 1, 1) if dense else weight
-        return _pack_weight(w, geom, isa, blk)
+        return _pack_weight(_folded_weight(w) if folded else w, work, isa, blk)
 
     return DotKernel(scheduled, pack, isa)
 

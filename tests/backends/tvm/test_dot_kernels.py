@@ -9,7 +9,15 @@ import tvm
 
 from fxquant.backends.tvm.build import host_target_dict, make_target
 from fxquant.backends.tvm.geometry import DenseGeometry, conv_geometry
-from fxquant.backends.tvm.kernels.dot import DOT_ISAS, Chain, chain_plan, dot_conv2d, dot_dense, select_dot_isa
+from fxquant.backends.tvm.kernels.dot import (
+    DOT_ISAS,
+    Chain,
+    chain_plan,
+    dot_conv2d,
+    dot_dense,
+    folds_kernel_columns,
+    select_dot_isa,
+)
 
 HOST = make_target(host_target_dict(), None)
 HOST_HAS_AVX2 = select_dot_isa(HOST, (0, 255), (-128, 127)).name in ("avx2", "avx512-vnni")
@@ -145,6 +153,27 @@ def test_chained_conv_exact_at_extreme_codes(ranges) -> None:
     x = rng.integers(alo, ahi + 1, geom.input_shape).astype(np.int32)
     got = _run(dot_conv2d(geom, isa, chain), x, w, geom.output_shape)
     np.testing.assert_array_equal(got, _conv_reference(x, w, 1, 1, 1))
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx2-u8s8"])
+def test_folded_kernel_columns_exact_at_extreme_codes(isa: str) -> None:
+    """A stem (3 channels x 7 columns folded into one block of 21 values): every extreme code pairing, odd
+    widths and both paddings, equal to the reference; wide layers and dilated ones are not folded."""
+    if not HOST_HAS_AVX2:
+        pytest.skip("this host has no AVX2")
+    geom = conv_geometry((1, 3, 15, 13), (10, 3, 7, 7), 2, 3, 1, 1)
+    assert folds_kernel_columns(geom, DOT_ISAS[isa])
+    assert not folds_kernel_columns(conv_geometry((1, 64, 8, 8), (8, 64, 3, 3), 1, 1, 1, 1), DOT_ISAS[isa])
+    assert not folds_kernel_columns(conv_geometry((1, 3, 15, 13), (8, 3, 3, 3), 1, 2, 2, 1), DOT_ISAS[isa])
+    (alo, ahi), (wlo, whi) = ((0, 255), (-128, 127)) if isa == "avx2" else ((0, 15), (-8, 7))
+    rng = np.random.default_rng(6)
+    for x, w in ((np.full(geom.input_shape, ahi, np.int32), np.full(geom.weight_shape, wlo, np.int64)),
+                 (np.full(geom.input_shape, ahi, np.int32), np.full(geom.weight_shape, whi, np.int64)),
+                 (rng.integers(alo, ahi + 1, geom.input_shape).astype(np.int32),
+                  rng.integers(wlo, whi + 1, geom.weight_shape))):
+        got = _run(dot_conv2d(geom, DOT_ISAS[isa], chain_plan(geom, DOT_ISAS[isa], (alo, ahi), (wlo, whi))), x, w,
+                   geom.output_shape)
+        np.testing.assert_array_equal(got, _conv_reference(x, w, 2, 3, 1))
 
 
 def test_isa_choice_follows_target_and_ranges() -> None:
