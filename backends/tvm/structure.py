@@ -17,6 +17,7 @@ from torch import fx, nn
 from tvm import relax
 
 from fxquant.backends.tvm.context import Converter, LoweringContext
+from fxquant.backends.tvm.kernels.pool import PoolGeometry, max_pool2d
 
 __all__ = ["MODULE_CONVERTERS", "FUNCTION_CONVERTERS", "METHOD_CONVERTERS", "NAMED_CONVERTERS"]
 
@@ -225,16 +226,15 @@ def _max_pool(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
     args = _pool_args(node, module)
     kernel = _pair(args["kernel_size"])
     stride = _pair(args.get("stride") or kernel)
-    return ctx.bb.emit(
-        relax.op.nn.max_pool2d(
-            ctx.value(node.args[0]),
-            kernel,
-            stride,
-            _pair(args.get("padding") or 0),
-            _pair(args.get("dilation") or 1),
-            ceil_mode=bool(args.get("ceil_mode") or False),
-        )
-    )
+    x = ctx.value(node.args[0])
+    shape, dtype = ctx.shape(x), x.ty.dtype
+    padding, dilation = _pair(args.get("padding") or 0), _pair(args.get("dilation") or 1)
+    ceil_mode = bool(args.get("ceil_mode") or False)
+    if len(shape) == 4:  # NCHW: the separable kernel (rows, then columns in vector lanes)
+        geom = PoolGeometry(tuple(shape), kernel, stride, padding, dilation, ceil_mode)
+        gv = ctx.add_kernel(max_pool2d(geom, dtype), "max_pool2d", key=("max_pool2d", geom, dtype))
+        return ctx.bb.emit(relax.call_tir(gv, [x], relax.TensorType(geom.output_shape, dtype)))
+    return ctx.bb.emit(relax.op.nn.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil_mode))
 
 
 def _max_pool_problem(node: fx.Node, module: nn.Module | None) -> str | None:
