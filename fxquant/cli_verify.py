@@ -26,6 +26,8 @@ from fxquant.cli_common import (
     PipelineCommand,
     add_data_arguments,
     add_output_arguments,
+    add_trust_arguments,
+    model_trust,
     non_negative_float,
     sibling,
 )
@@ -33,6 +35,7 @@ from fxquant.cli_convert import static_example
 from fxquant.data_source import DataSpec, data_location, open_data
 from fxquant.errors import BackendError
 from fxquant.input_guard import InputGuard
+from fxquant.model_spec import ModelTrust
 from fxquant.report import RunReport
 from fxquant.verification import compare
 
@@ -40,10 +43,10 @@ __all__ = ["COMMAND", "CHECKPOINT_CANDIDATES"]
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
-#: checkpoint kind -> the model it stands for
-CHECKPOINT_CANDIDATES: dict[str, Callable[[Checkpoint], Model]] = {
-    "reference": lambda c: c.build_reference(),
-    "prepared": lambda c: InputGuard(c.build_prepared().eval(), c.input_shape),
+#: checkpoint kind -> the model it stands for (built only from specs the caller trusts)
+CHECKPOINT_CANDIDATES: dict[str, Callable[[Checkpoint, ModelTrust], Model]] = {
+    "reference": lambda c, trust: c.build_reference(trust),
+    "prepared": lambda c, trust: InputGuard(c.build_prepared(trust=trust).eval(), c.input_shape),
 }
 
 
@@ -89,13 +92,15 @@ def add_arguments(parser: ArgumentParser) -> None:
     group.add_argument("--atol", type=non_negative_float, default=1e-4, help="largest allowed |output difference|")
     group.add_argument("--min-agreement", type=non_negative_float, default=1.0,
                        help="smallest allowed fraction of equal top-1 predictions (default 1.0: all)")
+    add_trust_arguments(parser)
     add_output_arguments(parser, None)
 
 
 def run(args: Namespace, report: RunReport) -> None:
     checkpoint = read_checkpoint(args.reference)
     report.add_input("reference", args.reference)
-    prepared = checkpoint.build_prepared()
+    trust = model_trust(args)
+    prepared = checkpoint.build_prepared(trust=trust)
     reference = InputGuard(convert(prepared, backend="torch"), checkpoint.input_shape)
     with report.phase("load"):
         if args.backend is not None:
@@ -110,7 +115,7 @@ def run(args: Namespace, report: RunReport) -> None:
         else:
             report.add_input("artifact", args.artifact)
             artifact = read_checkpoint(args.artifact)
-            candidate = CHECKPOINT_CANDIDATES[artifact.kind](artifact)
+            candidate = CHECKPOINT_CANDIDATES[artifact.kind](artifact, trust)
     if candidate is None:
         print(f"{args.artifact}: files and hashes match its manifest (numerics not checked)")
         return
