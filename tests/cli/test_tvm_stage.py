@@ -4,7 +4,10 @@ under qemu (or checks for integrity only: a truncated ``model.so`` is caught).""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,6 +64,11 @@ def test_arm_artifact_folder_is_checked_for_integrity(workdir: Path, capsys, mon
     assert sorted(p.name for p in Path("art").iterdir()) == ["manifest.json", "model.so", "run_model.py"]
     assert json.loads(Path("art.report.json").read_text())["outputs"]["artifacts"]["path"] == "art"
     assert main(["verify", "art", "--reference", "q.ckpt", "--integrity-only"]) == 0
+    again = subprocess.run([sys.executable, "-m", "fxquant", "convert", "q.ckpt", "--backend", "tvm-arm", "-o", "art2"],
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    for name in ("model.so", "manifest.json", "run_model.py"):  # another process builds the very same artifact
+        assert Path("art2", name).read_bytes() == Path("art", name).read_bytes(), name
     capsys.readouterr()
     with monkeypatch.context() as patched:  # a host without the emulation cache
         patched.setenv("FXQUANT_AARCH64_CACHE", str(workdir / "no-cache"))
