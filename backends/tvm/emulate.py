@@ -106,17 +106,18 @@ def _check_inputs(name: str, specs: list[dict], inputs: Sequence[np.ndarray]) ->
 def run_batches_under_qemu(
     artifact_dir: str | Path,
     batches: Sequence[Sequence[np.ndarray]],
-    runner: str = "python",
+    runner: str | None = None,
     num_threads: int | None = None,
     timeout: float = 900.0,
 ) -> list[list[np.ndarray]]:
     """Run an artifact on every batch of inputs in one emulated process (starting one costs the most).
 
     Returns each batch's outputs (then any debug accumulators). ``runner`` is ``"python"`` (the artifact's
-    ``run_model.py``) or ``"native"`` (``fxquant_run``, built on first use).
+    ``run_model.py``), ``"native"`` (``fxquant_run``, built on first use) or ``None`` (:func:`default_runner`).
     """
     artifact_dir = Path(artifact_dir).resolve()
     manifest = verify_artifact(artifact_dir)
+    runner = default_runner() if runner is None else runner
     if runner not in RUNNERS:
         raise BackendError(f"runner={runner!r} is invalid; allowed: {', '.join(RUNNERS)}")
     missing = emulation_missing()
@@ -151,7 +152,7 @@ def run_batches_under_qemu(
 
 
 def run_under_qemu(
-    artifact_dir: str | Path, inputs: Sequence[np.ndarray], timeout: float = 900.0, runner: str = "python"
+    artifact_dir: str | Path, inputs: Sequence[np.ndarray], timeout: float = 900.0, runner: str | None = None
 ) -> list[np.ndarray]:
     """Run an artifact once under qemu; returns its outputs (then any debug accumulators).
 
