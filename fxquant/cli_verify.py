@@ -106,20 +106,26 @@ def _tvm_backend() -> Any:
         raise BackendError(f"cannot import the TVM backend to check these artifacts: {exc}") from exc
 
 
+def _require_emulation(context: str) -> None:
+    from fxquant.backends.tvm.emulate import emulation_missing
+
+    missing = emulation_missing()
+    if missing:
+        raise BackendError(
+            f"{context} this host cannot run the aarch64 artifact: emulation needs {'; '.join(missing)} "
+            "(bash .ci/setup-arm); pass --integrity-only to accept the integrity check alone"
+        )
+
+
 def _folder(path: Path, args: Namespace, batches: Batches, report: RunReport) -> Model | None:
     """An artifact folder: files checked against its manifest, then run under qemu (or only checked)."""
     manifest = _tvm_backend().verify_artifact(path)
     report.metrics["artifact"] = {"backend": manifest.get("backend"), "files": manifest.get("files")}
     if args.integrity_only:
         return None
-    from fxquant.backends.tvm.emulate import QEMU, default_runner, emulation_missing
+    _require_emulation(f"{path}: files match the manifest, but")
+    from fxquant.backends.tvm.emulate import QEMU, default_runner
 
-    missing = emulation_missing()
-    if missing:
-        raise BackendError(
-            f"{path}: files match the manifest, but this host cannot run the aarch64 artifact: emulation needs "
-            f"{'; '.join(missing)} (bash .ci/setup-arm); pass --integrity-only to accept the integrity check alone"
-        )
     runner = default_runner() if args.runner == "auto" else args.runner
     print(f"{path}: running the aarch64 artifact under {QEMU} ({runner} runner) on {len(batches)} batch(es)")
     report.metrics["emulation"] = {"emulator": QEMU, "runner": runner}
@@ -151,6 +157,8 @@ def add_arguments(parser: ArgumentParser) -> None:
 def _candidate(args: Namespace, checkpoint: Checkpoint, prepared: torch.fx.GraphModule, batches: Batches,
                report: RunReport, scratch: contextlib.ExitStack) -> Model | None:
     if args.backend == "tvm-arm":  # an artifact folder like `fxquant convert` writes, thrown away afterwards
+        if not args.integrity_only:  # fail before a build that could not run
+            _require_emulation("--backend tvm-arm:")
         folder = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="fxquant-verify-"))) / "artifact"
         convert(prepared, backend="tvm-arm", output_dir=folder,
                 example_inputs=static_example(checkpoint, args.batch_size))

@@ -73,8 +73,10 @@ def test_arm_artifact_folder_is_checked_for_integrity(workdir: Path, capsys, mon
     with monkeypatch.context() as patched:  # a host without the emulation cache
         patched.setenv("FXQUANT_AARCH64_CACHE", str(workdir / "no-cache"))
         assert main(["verify", "art", "--reference", "q.ckpt", "--data", "imgs", "--force"]) == 1
-    err = capsys.readouterr().err
-    assert "cannot run the aarch64 artifact: emulation needs" in err and "pass --integrity-only" in err
+        err = capsys.readouterr().err
+        assert "cannot run the aarch64 artifact: emulation needs" in err and "pass --integrity-only" in err
+        assert main(["verify", "--backend", "tvm-arm", "--reference", "q.ckpt", "--data", "imgs"]) == 1
+        assert "--backend tvm-arm: this host cannot run the aarch64 artifact" in capsys.readouterr().err
     library = Path("art/model.so")
     library.write_bytes(library.read_bytes()[:1000])
     assert main(["verify", "art", "--reference", "q.ckpt", "--integrity-only", "--force"]) == 1
