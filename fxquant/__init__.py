@@ -22,7 +22,7 @@ from fxquant.errors import (
     UnsupportedOpError,
 )
 from fxquant.input_guard import InputGuard
-from fxquant.model_spec import ModelSpec
+from fxquant.model_spec import ModelSpec, ModelTrust
 from fxquant.plan import BitwidthPlan
 from fxquant.search import SearchOptions, search, search_report
 
@@ -58,6 +58,7 @@ __all__ = [
     "load_reference",
     "load_config_file",
     "ModelSpec",
+    "ModelTrust",
     "InputGuard",
     "__version__",
 ]

@@ -35,7 +35,7 @@ from torch import fx, nn
 from fxquant.config import QuantConfig
 from fxquant.errors import CheckpointError, ConfigError
 from fxquant.input_guard import InputGuard
-from fxquant.model_spec import ModelSpec
+from fxquant.model_spec import ModelSpec, ModelTrust
 from fxquant.output_files import check_writable, write_bytes_atomic
 from fxquant.plan import BitwidthPlan
 from fxquant.state_codec import decode_state, encode_state
@@ -57,6 +57,8 @@ SUPPORTED_FORMATS = (CHECKPOINT_FORMAT,)
 CHECKPOINT_KINDS = ("prepared", "reference")
 MAGIC = b"FXQUANT-CHECKPOINT\n"
 _SHOWN = 5
+#: what a checkpoint's spec gets unless the caller says otherwise: the default allow-list only
+UNTRUSTED = ModelTrust()
 
 
 def _version() -> str:
@@ -148,15 +150,21 @@ class Checkpoint:
 
     # -- rebuilding -----------------------------------------------------------------------------------------
 
-    def build_prepared(self, model: nn.Module | None = None) -> fx.GraphModule:
-        """The prepared model: ``model`` (or the spec's fresh one) prepared with the config, state loaded."""
+    def build_prepared(self, model: nn.Module | None = None, trust: ModelTrust = UNTRUSTED) -> fx.GraphModule:
+        """The prepared model: ``model`` (or the spec's fresh one) prepared with the config, state loaded.
+
+        The spec is a string from a file: it is imported and called only when ``trust`` allows its target.
+        """
         from fxquant.api import _record_shapes, prepare, quantizers_of
 
         if model is None:
             if self.model is None:
                 raise CheckpointError(f"{self.source} records no model spec; pass the float model to rebuild it")
             with torch.random.fork_rng(devices=[]):  # the throw-away initial weights must not move the caller's RNG
-                model = self.model.build()
+                try:
+                    model = self.model.build(trust, self.source)
+                except ConfigError as exc:
+                    raise CheckpointError(f"{self.source}: cannot rebuild its model: {exc}") from exc
             where = f"the model built from {self.model}"
         else:
             where = f"the given {type(model).__name__}"
@@ -174,13 +182,13 @@ class Checkpoint:
             gm.train(training)
         return gm
 
-    def build_reference(self) -> InputGuard:
+    def build_reference(self, trust: ModelTrust = UNTRUSTED) -> InputGuard:
         """The integer reference of a ``kind="reference"`` checkpoint, checked against its stored frozen state."""
         from fxquant.api import convert
 
         if self.kind != "reference" or self.frozen_state_dict is None:
             raise CheckpointError(f"{self.source} is a {self.kind} checkpoint; convert it first (fxquant convert)")
-        frozen = convert(self.build_prepared(), backend="torch")
+        frozen = convert(self.build_prepared(trust=trust), backend="torch")
         expected = frozen.state_dict()
         mismatch = describe_mismatch(expected, self.frozen_state_dict)
         differs = [k for k in expected if not mismatch and not torch.equal(expected[k], self.frozen_state_dict[k])]
@@ -310,16 +318,28 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint.from_bytes(raw, str(path))
 
 
-def load_prepared(path: str | os.PathLike, model: nn.Module | None = None) -> fx.GraphModule:
+def load_prepared(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    *,
+    trust_model_code: bool = False,
+    trusted_models: Sequence[str] = (),
+) -> fx.GraphModule:
     """Rebuild the prepared model of a checkpoint in any process that can import its model spec.
+
+    Without ``model``, the spec is imported and called only if trusted (see :class:`ModelTrust`): its target
+    matches ``trusted_models``, ``$FXQUANT_TRUSTED_MODELS`` or the defaults, or ``trust_model_code=True``.
 
     Example::
 
         qmodel = fxquant.load_prepared("trained.ckpt")    # then train on, or fxquant.convert(qmodel)
+        qmodel = fxquant.load_prepared("mine.ckpt", trusted_models=["mypkg.nets:*"])
     """
-    return read_checkpoint(path).build_prepared(model)
+    return read_checkpoint(path).build_prepared(model, ModelTrust(trust_model_code, tuple(trusted_models)))
 
 
-def load_reference(path: str | os.PathLike) -> InputGuard:
+def load_reference(
+    path: str | os.PathLike, *, trust_model_code: bool = False, trusted_models: Sequence[str] = ()
+) -> InputGuard:
     """The integer reference saved by ``fxquant convert --backend torch``, guarded by its input shape."""
-    return read_checkpoint(path).build_reference()
+    return read_checkpoint(path).build_reference(ModelTrust(trust_model_code, tuple(trusted_models)))

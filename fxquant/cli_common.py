@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fxquant.errors import CheckpointError
-from fxquant.model_spec import ModelSpec
+from fxquant.model_spec import TRUSTED_MODELS_ENV, ModelSpec, ModelTrust
 from fxquant.output_files import OutputExistsError, check_writable
 from fxquant.report import RunReport
 
@@ -29,6 +29,8 @@ __all__ = [
     "add_model_arguments",
     "add_output_arguments",
     "add_data_arguments",
+    "add_trust_arguments",
+    "model_trust",
     "model_spec_from_args",
     "build_float_model",
     "progress_enabled",
@@ -117,6 +119,20 @@ def add_data_arguments(parser: argparse.ArgumentParser, train: bool, test: bool,
     if test:
         group.add_argument("--test-subset", type=positive_int, help="evaluate on a seeded random subset of N images")
     group.add_argument("--seed", type=int, default=None if train else 0, help="seed of weights, subsets and shuffling")
+
+
+def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
+    """Whether the model spec a checkpoint names may be imported and called (see ``ModelTrust``)."""
+    group = parser.add_argument_group("model code")
+    group.add_argument("--trust-model-code", action="store_true",
+                       help="import and call whatever model spec the checkpoint names (only for your own files)")
+    group.add_argument("--trust-model", action="append", default=[], metavar="PATTERN",
+                       help=f"trust specs matching PATTERN, e.g. 'mypkg.nets:*' (repeatable; also "
+                            f"${TRUSTED_MODELS_ENV}, comma-separated; fxquant.models and torchvision are trusted)")
+
+
+def model_trust(args: argparse.Namespace) -> ModelTrust:
+    return ModelTrust(args.trust_model_code, tuple(args.trust_model))
 
 
 def progress_enabled(args: argparse.Namespace) -> bool:

@@ -28,7 +28,14 @@ from torch import fx
 from fxquant.api import convert
 from fxquant.backends.registry import available_backends
 from fxquant.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
-from fxquant.cli_common import PipelineCommand, add_output_arguments, positive_int, sibling
+from fxquant.cli_common import (
+    PipelineCommand,
+    add_output_arguments,
+    add_trust_arguments,
+    model_trust,
+    positive_int,
+    sibling,
+)
 from fxquant.errors import CheckpointError, ConfigError
 from fxquant.integer import IntegerLayer
 from fxquant.output_files import write_text_atomic
@@ -107,6 +114,7 @@ def add_arguments(parser: ArgumentParser) -> None:
                         help="TVM: how auto ranks kernels (tvm-llvm default measure; tvm-arm always model)")
     parser.add_argument("--num-threads", type=positive_int, default=None, help="tvm-llvm: thread pool size")
     parser.add_argument("--cpu", default=None, help="tvm-arm: the core to generate code for (e.g. cortex-a76)")
+    add_trust_arguments(parser)
     add_output_arguments(parser, "reference checkpoint (torch), artifact folder (tvm-arm) or manifest (tvm-llvm)")
 
 
@@ -116,7 +124,7 @@ def run(args: Namespace, report: RunReport) -> None:
     report.add_input("checkpoint", args.checkpoint)
     if checkpoint.kind != "prepared":
         raise CheckpointError(f"{args.checkpoint} is a {checkpoint.kind} checkpoint; convert the prepared one")
-    model = checkpoint.build_prepared()
+    model = checkpoint.build_prepared(trust=model_trust(args))
     report.settings.update(backend=args.backend, input_shape=list(checkpoint.input_shape),
                            config=checkpoint.config.to_dict())
     with report.phase("convert"):

@@ -10,7 +10,7 @@ from argparse import ArgumentParser, Namespace
 from pathlib import Path
 
 from fxquant.checkpoint import read_checkpoint
-from fxquant.cli_common import PipelineCommand, add_output_arguments, sibling
+from fxquant.cli_common import PipelineCommand, add_output_arguments, add_trust_arguments, model_trust, sibling
 from fxquant.inspection import format_table, layer_rows, plot_rows
 from fxquant.output_files import write_bytes_atomic, write_text_atomic
 from fxquant.report import RunReport, jsonable
@@ -22,13 +22,14 @@ def add_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="prepared or reference checkpoint")
     parser.add_argument("--json", type=Path, help="write the table as JSON")
     parser.add_argument("--plot", type=Path, help="write a PNG bar chart of weight SQNR per layer")
+    add_trust_arguments(parser)
     add_output_arguments(parser, None)
 
 
 def run(args: Namespace, report: RunReport) -> None:
     checkpoint = read_checkpoint(args.checkpoint)
     report.add_input("checkpoint", args.checkpoint)
-    rows = layer_rows(checkpoint.build_prepared())
+    rows = layer_rows(checkpoint.build_prepared(trust=model_trust(args)))
     print(format_table(rows))
     table = [r.to_dict() for r in rows]
     if args.json is not None:

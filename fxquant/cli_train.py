@@ -19,6 +19,8 @@ from fxquant.cli_common import (
     PipelineCommand,
     add_data_arguments,
     add_output_arguments,
+    add_trust_arguments,
+    model_trust,
     non_negative_float,
     positive_int,
     progress_enabled,
@@ -47,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-eval", action="store_true", help="skip the test-set accuracy")
     group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bars (default: when stderr is a terminal)")
+    add_trust_arguments(parser)
     add_output_arguments(parser, "checkpoint to write (holds the training state)")
 
 
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace, report: RunReport) -> None:
     if tuple(train.images.shape[1:]) != checkpoint.input_shape:
         raise InputError(f"data {data.source} has inputs of shape {tuple(train.images.shape[1:])}, "
                          f"{args.checkpoint} was prepared for {checkpoint.input_shape}")
-    qmodel = checkpoint.build_prepared()
+    qmodel = checkpoint.build_prepared(trust=model_trust(args))
     if not resume:
         torch.manual_seed(settings.seed)
     trainer = QATTrainer(qmodel, train, settings)

@@ -4,6 +4,12 @@ Checkpoints store a :class:`ModelSpec` instead of pickled classes, so a fresh pr
 architecture by calling the function again and then loads the weights; no training script is needed, but
 the module must be importable there (installed, on ``PYTHONPATH``, or under the current directory).
 
+A checkpoint is data, so a spec read from one is not trusted: loading imports and calls it only when the
+caller passes :class:`ModelTrust` that allows its target (``trust_model_code=True``, or a pattern of
+:data:`DEFAULT_TRUSTED_MODELS`, ``$FXQUANT_TRUSTED_MODELS`` or ``allow``); otherwise nothing is imported.
+Whether trusted or named by the caller, a target must be an ``nn.Module`` class or a Python function
+annotated to return one, so ``os:system`` or ``builtins:exec`` are refused before anything is called.
+
 Examples::
 
     ModelSpec("fxquant.models:resnet_small", {"num_classes": 10}).build()
@@ -12,19 +18,27 @@ Examples::
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
+import inspect
 import json
 import os
 import sys
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from fxquant.errors import ConfigError
+from fxquant.errors import CheckpointError, ConfigError
 
-__all__ = ["ModelSpec", "MODEL_SOURCES"]
+__all__ = ["ModelSpec", "MODEL_SOURCES", "ModelTrust", "DEFAULT_TRUSTED_MODELS", "TRUSTED_MODELS_ENV"]
+
+#: targets (``fnmatch`` patterns over ``module:function``) that checkpoints may name without further opt-in
+DEFAULT_TRUSTED_MODELS = ("fxquant.models:*", "torchvision:*", "torchvision.models:*")
+#: comma-separated extra patterns, e.g. ``mypkg.nets:*,mypkg.*``
+TRUSTED_MODELS_ENV = "FXQUANT_TRUSTED_MODELS"
 
 Builder = Callable[..., nn.Module]
 
@@ -41,9 +55,31 @@ def _import_function(module_name: str, function: str) -> Builder:
             "be importable: install it, add its folder to PYTHONPATH, or run from the folder that holds it"
         ) from exc
     fn = getattr(module, function, None)
-    if not callable(fn):
+    if fn is None:
         raise ConfigError(f"model spec {module_name}:{function}: module {module_name!r} has no function {function!r}")
+    _check_builder(f"{module_name}:{function}", fn)
     return fn
+
+
+def _returns_module(fn: Callable[..., Any]) -> bool:
+    try:
+        returned = typing.get_type_hints(fn).get("return")
+    except Exception:  # an annotation that does not resolve says nothing reliable
+        return False
+    return isinstance(returned, type) and issubclass(returned, nn.Module)
+
+
+def _check_builder(target: str, fn: Any) -> None:
+    """Refuse, before any call, whatever is not an ``nn.Module`` class or a function declared to return one."""
+    if inspect.isclass(fn) and issubclass(fn, nn.Module):
+        return
+    if inspect.isfunction(fn) and _returns_module(fn):
+        return
+    kind = "class" if inspect.isclass(fn) else "Python function" if inspect.isfunction(fn) else type(fn).__name__
+    raise ConfigError(
+        f"model spec {target}: the target is a {kind} that is not declared to build a torch.nn.Module; a spec "
+        "must name an nn.Module subclass or a Python function annotated '-> nn.Module' (or a subclass)"
+    )
 
 
 def _torchvision_function(name: str) -> Builder:
@@ -56,6 +92,38 @@ def _torchvision_function(name: str) -> Builder:
 
 #: spec prefix -> resolver of the part after the colon; any other prefix is an importable module
 MODEL_SOURCES: dict[str, Callable[[str], Builder]] = {"torchvision": _torchvision_function}
+
+
+@dataclass(frozen=True)
+class ModelTrust:
+    """Which model specs read from a checkpoint may be imported and called.
+
+    ``trust_model_code=True`` trusts every spec (as ``trust_remote_code`` does elsewhere); otherwise a target
+    must match a pattern of :data:`DEFAULT_TRUSTED_MODELS`, of ``$FXQUANT_TRUSTED_MODELS`` or of ``allow``.
+    """
+
+    trust_model_code: bool = False
+    allow: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allow", tuple(self.allow))
+
+    def patterns(self) -> tuple[str, ...]:
+        from_env = os.environ.get(TRUSTED_MODELS_ENV, "").split(",")
+        return DEFAULT_TRUSTED_MODELS + tuple(p.strip() for p in from_env if p.strip()) + self.allow
+
+    def allows(self, target: str) -> bool:
+        return self.trust_model_code or any(fnmatch.fnmatchcase(target, p) for p in self.patterns())
+
+    def check(self, spec: ModelSpec, source: str) -> None:
+        """Raise :class:`CheckpointError` naming the target and the ways to trust it, before importing anything."""
+        if not self.allows(spec.target):
+            raise CheckpointError(
+                f"{source}: its model spec {spec.target} is not trusted, so it was neither imported nor called; "
+                f"pass the float model, or trust it: trust_model_code=True (--trust-model-code), "
+                f"trusted_models=[{spec.target!r}] (--trust-model {spec.target}), or add a pattern to "
+                f"${TRUSTED_MODELS_ENV} (trusted by default: {', '.join(DEFAULT_TRUSTED_MODELS)})"
+            )
 
 
 @dataclass(frozen=True)
@@ -85,8 +153,14 @@ class ModelSpec:
         resolve = MODEL_SOURCES.get(prefix)
         return resolve(name) if resolve is not None else _import_function(prefix, name)
 
-    def build(self) -> nn.Module:
-        """Call the builder; the caller seeds torch first when the initial weights must be reproducible."""
+    def build(self, trust: ModelTrust | None = None, source: str = "<memory>") -> nn.Module:
+        """Call the builder; the caller seeds torch first when the initial weights must be reproducible.
+
+        ``trust=None`` means the caller named this spec itself; a spec read from a file passes the caller's
+        :class:`ModelTrust`, which is checked before the module is imported.
+        """
+        if trust is not None:
+            trust.check(self, source)
         fn = self.function()
         try:
             model = fn(**self.kwargs)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["ensure_pool_size", "default_threads"]
+from fxquant.errors import ConfigError
+
+__all__ = ["ensure_pool_size", "default_threads", "check_threads"]
 
 _pool_threads: list[int] = []  # the size last set
 
@@ -16,6 +18,13 @@ _pool_threads: list[int] = []  # the size last set
 def default_threads() -> int:
     """Every CPU this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_threads(threads: object) -> int | None:
+    """``threads`` if it is a positive integer or None, else a :class:`ConfigError` naming ``num_threads``."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"num_threads={threads!r} is invalid: expected a positive integer or None")
+    return threads
 
 
 def ensure_pool_size(threads: int) -> None:

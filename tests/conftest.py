@@ -26,6 +26,22 @@ def _kernel_cost_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ["FXQUANT_CACHE_DIR"] = old
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _trust_test_models():
+    """Checkpoints written by tests name builders in ``tests.*``; loading them needs that package trusted."""
+    import os
+
+    from fxquant.model_spec import TRUSTED_MODELS_ENV
+
+    old = os.environ.get(TRUSTED_MODELS_ENV)
+    os.environ[TRUSTED_MODELS_ENV] = "tests.*"
+    yield
+    if old is None:
+        os.environ.pop(TRUSTED_MODELS_ENV, None)
+    else:
+        os.environ[TRUSTED_MODELS_ENV] = old
+
+
 def calibrate_bn(model: nn.Module, shape: tuple[int, ...], batches: int = 2) -> nn.Module:
     """Give batch norms realistic running statistics (random-init nets otherwise collapse in eval)."""
     model.train()

@@ -30,16 +30,20 @@ def test_torchvision_models_are_built_without_weights() -> None:
 def test_module_in_the_current_directory_is_importable(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "my_local_nets.py").write_text(textwrap.dedent("""\
         from torch import nn
-        def build(width=3):
+        def build(width=3) -> nn.Module:
             return nn.Linear(width, 2)
-        def not_a_model():
+        def not_a_model() -> nn.Module:
             return 42
+        def unannotated():
+            return nn.Linear(1, 1)
         """))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
     assert ModelSpec("my_local_nets:build", {"width": 5}).build().in_features == 5
     with pytest.raises(ConfigError, match="returned int, not a torch.nn.Module"):
         ModelSpec("my_local_nets:not_a_model").build()
+    with pytest.raises(ConfigError, match="unannotated: the target is a Python function that is not declared to build"):
+        ModelSpec("my_local_nets:unannotated").build()
     with pytest.raises(ConfigError, match="module 'my_local_nets' has no function 'missing'"):
         ModelSpec("my_local_nets:missing").build()
     with pytest.raises(ConfigError, match=r"the builder rejected its arguments: .*unexpected keyword argument 'depth'"):

@@ -3,7 +3,9 @@
 Copied next to ``model.so`` and ``manifest.json`` by the ``"tvm-arm"`` backend. It needs only the TVM
 runtime and numpy on the device (no PyTorch, no fxquant): it checks model.so against the manifest's
 sha256, checks each input's shape and dtype, runs ``main`` on the CPU and writes ``output_<i>.npy``.
-Exit status 2 means a bad artifact or input, with the reason on stderr.
+``--num-threads N`` sizes TVM's thread pool; ``--runs K`` takes K groups of inputs and writes
+``run_<j>/output_<i>.npy`` (loading the runtime once). The native runner ``fxquant_run`` takes the same
+options. Exit status 2 means a bad artifact, input or option, with the reason on stderr.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["main", "run"]
+__all__ = ["main", "run", "set_num_threads"]
 
 
 def _fail(message: str) -> None:
@@ -31,8 +33,19 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def run(artifact: Path, inputs: list[Path], output_dir: Path) -> list[Path]:
-    """Load, verify, run; returns the written output files."""
+def set_num_threads(threads: int) -> None:
+    """``threads`` TVM workers sharing this process's cores (mode -3); the caller's affinity is kept."""
+    import tvm
+
+    affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    tvm.get_global_func("runtime.config_threadpool")(-3, int(threads), [str(c) for c in affinity])
+    if affinity and sorted(os.sched_getaffinity(0)) != affinity:
+        os.sched_setaffinity(0, affinity)
+
+
+def run(artifact: Path, inputs: list[Path], output_dir: Path, num_threads: int | None = None,
+        runs: int = 1) -> list[Path]:
+    """Load, verify, run ``runs`` times (inputs grouped per run); returns the written output files."""
     os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")  # the runtime alone imports much faster
     import numpy as np
     import tvm
@@ -46,25 +59,37 @@ def run(artifact: Path, inputs: list[Path], output_dir: Path) -> list[Path]:
     if _sha256(library) != expected:
         _fail(f"{library} does not match the sha256 in manifest.json (truncated or corrupted)")
     specs = manifest["inputs"]
-    if len(inputs) != len(specs):
-        _fail(f"expected {len(specs)} input file(s), got {len(inputs)}")
-    arrays = []
-    for spec, path in zip(specs, inputs, strict=True):
-        array = np.load(path)
-        if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
-            wanted = f"{spec['shape']} {spec['dtype']}"
-            _fail(f"input {spec['name']}: expected {wanted}, got {list(array.shape)} {array.dtype}")
-        arrays.append(tvm.runtime.tensor(np.ascontiguousarray(array)))
+    if len(inputs) != len(specs) * runs:
+        _fail(f"expected {len(specs) * runs} input file(s) ({len(specs)} per run), got {len(inputs)}")
+    groups = []
+    for start in range(0, len(inputs), len(specs)):
+        arrays = []
+        for spec, path in zip(specs, inputs[start:start + len(specs)], strict=True):
+            array = np.load(path)
+            if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
+                wanted = f"{spec['shape']} {spec['dtype']}"
+                _fail(f"input {spec['name']}: expected {wanted}, got {list(array.shape)} {array.dtype}")
+            arrays.append(tvm.runtime.tensor(np.ascontiguousarray(array)))
+        groups.append(arrays)
+    if num_threads is not None:
+        set_num_threads(num_threads)
     vm = VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
-    result = vm["main"](*arrays)
-    values = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
-    output_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for i, value in enumerate(values):
-        path = output_dir / f"output_{i}.npy"
-        np.save(path, value.numpy())
-        written.append(path)
+    for index, arrays in enumerate(groups):
+        result = vm["main"](*arrays)
+        values = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
+        folder = output_dir / f"run_{index}" if runs > 1 else output_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, value in enumerate(values):
+            written.append(folder / f"output_{i}.npy")
+            np.save(written[-1], value.numpy())
     return written
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", action="append", default=[], type=Path, help="an .npy file per model input")
     parser.add_argument("--output-dir", type=Path, default=Path("."), help="where output_<i>.npy are written")
     parser.add_argument("--artifact", type=Path, default=Path(__file__).resolve().parent, help="artifact folder")
+    parser.add_argument("--num-threads", type=_positive, default=None, help="TVM thread pool size (default: all)")
+    parser.add_argument("--runs", type=_positive, default=1, help="groups of inputs to run, one after another")
     args = parser.parse_args(argv)
-    for path in run(args.artifact, args.input, args.output_dir):
+    for path in run(args.artifact, args.input, args.output_dir, args.num_threads, args.runs):
         print(path)
     return 0
 

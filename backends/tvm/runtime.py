@@ -13,7 +13,7 @@ from tvm import relax
 from fxquant.backends.tvm.lower import TensorSpec
 from fxquant.backends.tvm.manifest import report
 from fxquant.errors import BackendError, InputError
-from fxquant.tvm_threads import default_threads, ensure_pool_size
+from fxquant.tvm_threads import check_threads, default_threads, ensure_pool_size
 
 __all__ = ["TvmModule", "check_inputs"]
 
@@ -30,7 +30,8 @@ def check_inputs(specs: list[TensorSpec], inputs: tuple[Any, ...]) -> None:
         if tuple(x.shape) != spec.shape or got_dtype != spec.dtype:
             raise InputError(
                 f"input {spec.name!r}: expected shape {spec.shape} {spec.dtype}, got {tuple(x.shape)} {got_dtype} "
-                "(the model is compiled for static shapes; convert again with other example inputs to change them)"
+                "(the model is compiled for static shapes; for another batch size convert again with "
+                "fxquant.convert(qmodel, backend, example_inputs=(torch.zeros(N, ...),)))"
             )
 
 
@@ -38,19 +39,28 @@ class TvmModule(nn.Module):
     """Compiled model for this host: ``out = mod(x)``; ``mod.manifest`` and ``mod.report()`` say what ran.
 
     With ``debug_accumulators=True`` at convert time, :meth:`run_with_accumulators` also returns each integer
-    layer's int32 accumulator, by layer name.
+    layer's int32 accumulator, by layer name. ``mod.num_threads = n`` sizes TVM's thread pool for the next
+    calls (``None``: every CPU); it does not depend on ``TVM_NUM_THREADS`` at import.
     """
 
     def __init__(self, executable: tvm.runtime.Executable, manifest: dict[str, Any], inputs: list[TensorSpec],
                  outputs: list[TensorSpec], output_is_tuple: bool, accumulators: list[TensorSpec],
                  num_threads: int | None = None):
         super().__init__()
-        self.num_threads = num_threads or default_threads()
+        self.num_threads = num_threads
         self.executable = executable
         self.manifest = manifest
         self._inputs, self._outputs, self._tuple, self._accs = inputs, outputs, output_is_tuple, accumulators
         self._vm = relax.VirtualMachine(executable, tvm.cpu())
         self._main = self._vm["main"]
+
+    @property
+    def num_threads(self) -> int:
+        return self._num_threads
+
+    @num_threads.setter
+    def num_threads(self, threads: int | None) -> None:
+        self._num_threads = check_threads(threads) or default_threads()
 
     def report(self) -> str:
         """Which kernel each layer got and why (see :func:`fxquant.backends.tvm.manifest.report`)."""

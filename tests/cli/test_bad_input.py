@@ -79,7 +79,7 @@ def test_untraceable_model_names_the_offending_line(workdir: Path, capsys) -> No
                     return self.conv(x)
                 return self.conv(-x)
 
-        def build():
+        def build() -> nn.Module:
             return Branchy()
         """))
     code, err = run(capsys, "prepare", "--model", "branchy_net:build", "--input-shape", "1,8,8", "-o", "p.ckpt")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -157,6 +158,13 @@ def test_same_inputs_give_identical_checkpoints_and_reports(run_dir: Path, tmp_p
     assert without_timings(tmp_path / "prepared.ckpt.report.json") == without_timings(
         run_dir / "prepared.ckpt.report.json"
     )
+
+
+def test_same_seed_gives_a_byte_identical_trained_checkpoint(run_dir: Path, tmp_path: Path) -> None:
+    """Training is deterministic for a seed: another process writes the very same bytes."""
+    shutil.copyfile(run_dir / "prepared.ckpt", tmp_path / "prepared.ckpt")
+    ok(fxquant(tmp_path, "train", "prepared.ckpt", "-o", "straight.ckpt", "--no-eval", *TRAIN))
+    assert (tmp_path / "straight.ckpt").read_bytes() == (run_dir / "straight.ckpt").read_bytes()
 
 
 def test_search_writes_a_plan_within_budget_that_prepare_applies(tmp_path: Path) -> None:

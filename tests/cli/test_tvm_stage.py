@@ -1,16 +1,20 @@
-"""The TVM stages of the pipeline: compile-and-verify on this host, and aarch64 artifact folders whose
-integrity verify checks (a truncated ``model.so`` is caught)."""
+"""The TVM stages of the pipeline: compile-and-verify on this host, aarch64 artifact folders that verify runs
+under qemu (or checks for integrity only: a truncated ``model.so`` is caught)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import fxquant
+from fxquant.backends.tvm.emulate import emulation_available, emulation_missing
 from fxquant.checkpoint import Checkpoint, save_checkpoint
 from fxquant.cli import main
 from fxquant.model_spec import ModelSpec
@@ -20,6 +24,11 @@ pytest.importorskip("fxquant.backends.tvm")
 pytestmark = pytest.mark.slow
 
 SPEC = ModelSpec("tests.conftest:TinyNet", {"classes": 5})
+needs_cross_compiler = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None,
+                                          reason="no aarch64 cross compiler")
+needs_emulation = pytest.mark.skipif(
+    not emulation_available(), reason=f"aarch64 emulation missing: {'; '.join(emulation_missing())} (.ci/setup-arm)"
+)
 
 
 @pytest.fixture
@@ -49,19 +58,49 @@ def test_verify_compiles_for_this_host_and_agrees(workdir: Path) -> None:
     assert report["metrics"]["max_abs_diff"] <= 1e-4
 
 
-@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="no aarch64 cross compiler")
-def test_arm_artifact_folder_is_checked_for_integrity(workdir: Path, capsys) -> None:
+@needs_cross_compiler
+def test_arm_artifact_folder_is_checked_for_integrity(workdir: Path, capsys, monkeypatch) -> None:
     assert main(["convert", "q.ckpt", "--backend", "tvm-arm", "-o", "art"]) == 0
     assert sorted(p.name for p in Path("art").iterdir()) == ["manifest.json", "model.so", "run_model.py"]
     assert json.loads(Path("art.report.json").read_text())["outputs"]["artifacts"]["path"] == "art"
     assert main(["verify", "art", "--reference", "q.ckpt", "--integrity-only"]) == 0
+    again = subprocess.run([sys.executable, "-m", "fxquant", "convert", "q.ckpt", "--backend", "tvm-arm", "-o", "art2"],
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    for name in ("model.so", "manifest.json", "run_model.py"):  # another process builds the very same artifact
+        assert Path("art2", name).read_bytes() == Path("art", name).read_bytes(), name
     capsys.readouterr()
-    assert main(["verify", "art", "--reference", "q.ckpt", "--force"]) == 1  # cannot run aarch64 code here
-    assert "pass --integrity-only" in capsys.readouterr().err
+    with monkeypatch.context() as patched:  # a host without the emulation cache
+        patched.setenv("FXQUANT_AARCH64_CACHE", str(workdir / "no-cache"))
+        assert main(["verify", "art", "--reference", "q.ckpt", "--data", "imgs", "--force"]) == 1
+        err = capsys.readouterr().err
+        assert "cannot run the aarch64 artifact: emulation needs" in err and "pass --integrity-only" in err
+        assert main(["verify", "--backend", "tvm-arm", "--reference", "q.ckpt", "--data", "imgs"]) == 1
+        assert "--backend tvm-arm: this host cannot run the aarch64 artifact" in capsys.readouterr().err
     library = Path("art/model.so")
     library.write_bytes(library.read_bytes()[:1000])
     assert main(["verify", "art", "--reference", "q.ckpt", "--integrity-only", "--force"]) == 1
     assert "truncated or corrupted" in capsys.readouterr().err
+
+
+@needs_cross_compiler
+@needs_emulation
+def test_verify_runs_arm_artifacts_under_emulation(workdir: Path, capsys) -> None:
+    """A folder from `convert` and a `--backend tvm-arm` build (in a temporary folder) both run under qemu."""
+    assert main(["convert", "q.ckpt", "--backend", "tvm-arm", "--batch-size", "4", "-o", "art"]) == 0
+    assert main(["verify", "art", "--reference", "q.ckpt", "--data", "imgs", "--batch-size", "3"]) == 0
+    assert "running the aarch64 artifact under qemu-aarch64 (native runner) on 3 batch(es)" in capsys.readouterr().out
+    metrics = json.loads(Path("art.verify.report.json").read_text())["metrics"]
+    assert metrics["emulation"] == {"emulator": "qemu-aarch64", "runner": "native"}
+    assert (metrics["samples"], metrics["top1_agreement"]) == (9, 1.0) and metrics["max_abs_diff"] <= 1e-4
+    args = ["verify", "--backend", "tvm-arm", "--reference", "q.ckpt", "--data", "imgs", "--batch-size", "4"]
+    assert main(args) == 0
+    metrics = json.loads(Path("q.ckpt.verify-tvm-arm.report.json").read_text())["metrics"]
+    assert (metrics["samples"], metrics["top1_agreement"]) == (9, 1.0) and metrics["max_abs_diff"] <= 1e-4
+    assert metrics["artifact"]["backend"] == "tvm-arm"
+    assert sorted(p.name for p in workdir.iterdir()) == sorted(
+        ["q.ckpt", "imgs", "art", "art.report.json", "art.verify.report.json", "q.ckpt.verify-tvm-arm.report.json"]
+    )  # the temporary build is gone
 
 
 def test_convert_passes_kernel_options_to_the_backend(workdir: Path, capsys) -> None:

@@ -15,7 +15,12 @@ import torchvision
 
 import fxquant
 from fxquant.backends.tvm import verify_artifact
-from fxquant.backends.tvm.emulate import emulation_available, emulation_missing, run_under_qemu
+from fxquant.backends.tvm.emulate import (
+    emulation_available,
+    emulation_missing,
+    run_batches_under_qemu,
+    run_under_qemu,
+)
 from fxquant.backends.tvm.manifest import sha256_file
 from fxquant.models import resnet20
 from fxquant.passes.freeze import integer_layers
@@ -128,13 +133,19 @@ def test_bitserial_layers_use_neon_popcount(built) -> None:
 @needs_cross_compiler
 @needs_emulation
 def test_emulated_run_equals_host_build_and_reference(built) -> None:
+    """run_model.py under qemu equals the host build and the integer reference; the C++ runner equals it."""
     q, x, art = built
     host = fxquant.convert(q, backend="tvm-llvm", debug_accumulators=True)
     want, want_accs = host.run_with_accumulators(x)
-    outputs = run_under_qemu(art.path, [x.numpy()])
+    flipped = x.flip(0).numpy()
+    outputs, second = run_batches_under_qemu(art.path, [[x.numpy()], [flipped]], runner="python", num_threads=1)
     names = [a["name"] for a in art.manifest["debug_accumulators"]]
     assert len(outputs) == 1 + len(names)
     np.testing.assert_array_equal(outputs[0], want.numpy())
+    np.testing.assert_array_equal(second[0], host(torch.from_numpy(flipped)).numpy())
+    native = run_batches_under_qemu(art.path, [[x.numpy()], [flipped]], runner="native")  # C++ == run_model.py
+    for got, expected in zip([*native[0], *native[1]], [*outputs, *second], strict=True):
+        assert got.dtype == expected.dtype and got.tobytes() == expected.tobytes()
     expected = reference_accumulators(fxquant.convert(q, backend="torch"), x)
     for name, acc in zip(names, outputs[1:], strict=True):
         np.testing.assert_array_equal(acc, want_accs[name].numpy())
