@@ -19,6 +19,7 @@ from fxquant.cli_common import (
     PipelineCommand,
     add_data_arguments,
     add_output_arguments,
+    main_output,
     non_negative_float,
     positive_int,
     progress_enabled,
@@ -113,6 +114,7 @@ COMMAND = PipelineCommand(
     name="train",
     add_arguments=add_arguments,
     run=run,
-    outputs=lambda args: [args.output],
+    outputs=lambda args: [main_output(args.output)],
     default_report=lambda args: sibling(args.output, ".report.json"),
+    inputs=lambda args: [("checkpoint", args.checkpoint)],
 )

@@ -7,7 +7,9 @@
 The reference is ``fxquant.convert(<--reference checkpoint>, backend="torch")``. The candidate is a
 reference checkpoint (``fxquant convert --backend torch``), a prepared checkpoint (its eval mode), the
 ``--reference`` model compiled with ``--backend`` in this process, or an artifact folder. An aarch64 folder
-cannot run on this host: ``--integrity-only`` checks its files against its manifest instead.
+cannot run on this host: ``--integrity-only`` checks its files against its manifest instead; in every case
+an artifact folder's manifest must describe the ``--reference`` model (input shape, integer layers, their
+shapes, bits and quantizer grids), so a folder built from another model or checkpoint is refused.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import importlib
 from argparse import ArgumentParser, Namespace
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from fxquant.api import convert
 from fxquant.backends.registry import available_backends
@@ -31,8 +35,9 @@ from fxquant.cli_common import (
 )
 from fxquant.cli_convert import static_example
 from fxquant.data_source import DataSpec, data_location, open_data
-from fxquant.errors import BackendError
+from fxquant.errors import BackendError, CheckpointError
 from fxquant.input_guard import InputGuard
+from fxquant.integer import IntegerLayer
 from fxquant.report import RunReport
 from fxquant.verification import compare
 
@@ -61,13 +66,47 @@ class _StaticBatch:
         return self.model(padded)[:n]
 
 
-def _folder(path: Path, report: RunReport) -> Model | None:
-    """An artifact folder: its files are checked against its manifest; it runs where the backend can load it."""
+#: per-layer manifest facts that must equal the reference's (:meth:`IntegerLayer.describe`); weight scales too
+_LAYER_FACTS = ("kind", "weight_shape", "weight_bits", "act_bits", "weight_encoding", "input_low", "input_step")
+
+
+def check_manifest_matches(manifest: dict[str, Any], reference: nn.Module, input_shape: tuple[int, ...],
+                           path: Path, reference_path: Path) -> None:
+    """Fail unless the artifact's manifest describes ``reference``: one input of ``input_shape`` and the same
+    integer layers with the same shapes, bits, input grids and weight scales."""
+    inputs = manifest.get("inputs")
+    built_for = inputs[0].get("shape", [])[1:] if isinstance(inputs, list) and inputs else None
+    if built_for != list(input_shape):
+        raise CheckpointError(f"{path} was built for inputs of shape {built_for}, --reference {reference_path} "
+                              f"is for {list(input_shape)}: the artifact was converted from another model")
+    layers = {layer.get("name"): layer for layer in manifest.get("layers", []) if "weight_bits" in layer}
+    expected = {m.name: m for m in reference.modules() if isinstance(m, IntegerLayer)}
+    if set(layers) != set(expected):
+        only_artifact, only_reference = sorted(set(layers) - set(expected)), sorted(set(expected) - set(layers))
+        raise CheckpointError(
+            f"{path} does not have the integer layers of --reference {reference_path} (only in the artifact: "
+            f"{only_artifact[:3] or 'none'}, only in the reference: {only_reference[:3] or 'none'}): "
+            "the artifact was converted from another model"
+        )
+    for name, layer in expected.items():
+        facts = {**layer.describe(), "weight_scale": [float(v) for v in layer.weight_scale.tolist()]}
+        for key in (*_LAYER_FACTS, "weight_scale"):
+            if layers[name].get(key) != facts[key]:
+                shown = "differ" if key == "weight_scale" else f"{layers[name].get(key)!r} vs {facts[key]!r}"
+                raise CheckpointError(f"{path}: layer {name} has another {key} than in --reference "
+                                      f"{reference_path} ({shown}): the artifact was converted from another "
+                                      "checkpoint")
+
+
+def _folder(path: Path, report: RunReport, check: Callable[[dict[str, Any]], None]) -> Model | None:
+    """An artifact folder: its files are checked against its manifest, the manifest against the reference
+    (``check``); it runs where the backend can load it."""
     try:
         tvm_backend = importlib.import_module("fxquant.backends.tvm")
     except ImportError as exc:
         raise BackendError(f"{path}: cannot import the TVM backend to check these artifacts: {exc}") from exc
     manifest = tvm_backend.verify_artifact(path)
+    check(manifest)
     report.metrics["artifact"] = {"backend": manifest.get("backend"), "files": manifest.get("files")}
     load = getattr(tvm_backend, "load_artifact", None)
     if load is not None:
@@ -96,14 +135,16 @@ def run(args: Namespace, report: RunReport) -> None:
     checkpoint = read_checkpoint(args.reference)
     report.add_input("reference", args.reference)
     prepared = checkpoint.build_prepared()
-    reference = InputGuard(convert(prepared, backend="torch"), checkpoint.input_shape)
+    frozen = convert(prepared, backend="torch")
+    reference = InputGuard(frozen, checkpoint.input_shape)
     with report.phase("load"):
         if args.backend is not None:
             built = convert(prepared, backend=args.backend, example_inputs=static_example(checkpoint, args.batch_size))
             candidate = _StaticBatch(built, args.batch_size)
         elif args.artifact.is_dir():
             report.add_input("artifact", args.artifact)
-            candidate = _folder(args.artifact, report)
+            candidate = _folder(args.artifact, report, lambda manifest: check_manifest_matches(
+                manifest, frozen, checkpoint.input_shape, args.artifact, args.reference))
             if candidate is None and not args.integrity_only:
                 raise BackendError(f"{args.artifact}: files match the manifest, but this host cannot run the artifact "
                                    "(aarch64); pass --integrity-only to accept the integrity check alone")
@@ -140,4 +181,5 @@ COMMAND = PipelineCommand(
     run=run,
     outputs=lambda args: [],
     default_report=_default_report,
+    inputs=lambda args: [("artifact", args.artifact), ("--reference", args.reference)],
 )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["ensure_pool_size", "default_threads"]
+__all__ = ["ensure_pool_size", "default_threads", "pool_size"]
 
 _pool_threads: list[int] = []  # the size last set
 
@@ -16,6 +16,11 @@ _pool_threads: list[int] = []  # the size last set
 def default_threads() -> int:
     """Every CPU this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def pool_size() -> int | None:
+    """The size of the TVM pool this process last set, or None when nothing has called into TVM yet."""
+    return _pool_threads[0] if _pool_threads else None
 
 
 def ensure_pool_size(threads: int) -> None:

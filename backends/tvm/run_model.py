@@ -3,7 +3,8 @@
 Copied next to ``model.so`` and ``manifest.json`` by the ``"tvm-arm"`` backend. It needs only the TVM
 runtime and numpy on the device (no PyTorch, no fxquant): it checks model.so against the manifest's
 sha256, checks each input's shape and dtype, runs ``main`` on the CPU and writes ``output_<i>.npy``.
-Exit status 2 means a bad artifact or input, with the reason on stderr.
+Exit status 2 means a bad artifact or input (unreadable, wrong shape or dtype, NaN or Inf), with the
+reason on one line of stderr.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 __all__ = ["main", "run"]
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     print(f"run_model: {message}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -38,22 +40,31 @@ def run(artifact: Path, inputs: list[Path], output_dir: Path) -> list[Path]:
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    manifest = json.loads((artifact / "manifest.json").read_text())
+    try:
+        manifest = json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))
+        expected = manifest["files"]["model.so"]["sha256"]
+        specs = [(spec["name"], spec["shape"], spec["dtype"]) for spec in manifest["inputs"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        _fail(f"{artifact / 'manifest.json'} is missing or malformed: {type(exc).__name__}: {exc}")
     library = artifact / "model.so"
-    expected = manifest["files"]["model.so"]["sha256"]
     if not library.is_file():
         _fail(f"{library} is missing")
     if _sha256(library) != expected:
         _fail(f"{library} does not match the sha256 in manifest.json (truncated or corrupted)")
-    specs = manifest["inputs"]
     if len(inputs) != len(specs):
         _fail(f"expected {len(specs)} input file(s), got {len(inputs)}")
     arrays = []
-    for spec, path in zip(specs, inputs, strict=True):
-        array = np.load(path)
-        if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
-            wanted = f"{spec['shape']} {spec['dtype']}"
-            _fail(f"input {spec['name']}: expected {wanted}, got {list(array.shape)} {array.dtype}")
+    for (name, shape, dtype), path in zip(specs, inputs, strict=True):
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:  # missing, truncated, not .npy, or a pickled object
+            _fail(f"input {name}: cannot read {path} as a .npy array: {' '.join(str(exc).split())}")
+        if not isinstance(array, np.ndarray):
+            _fail(f"input {name}: {path} is an .npz archive, expected one .npy array")
+        if list(array.shape) != shape or str(array.dtype) != dtype:
+            _fail(f"input {name}: expected {shape} {dtype}, got {list(array.shape)} {array.dtype}")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            _fail(f"input {name}: {path} holds NaN or Inf values; the model accepts finite inputs only")
         arrays.append(tvm.runtime.tensor(np.ascontiguousarray(array)))
     vm = VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
     result = vm["main"](*arrays)

@@ -13,6 +13,7 @@ from tvm import relax
 from fxquant.backends.tvm.lower import TensorSpec
 from fxquant.backends.tvm.manifest import report
 from fxquant.errors import BackendError, InputError
+from fxquant.input_guard import check_finite
 from fxquant.tvm_threads import default_threads, ensure_pool_size
 
 __all__ = ["TvmModule", "check_inputs"]
@@ -32,6 +33,7 @@ def check_inputs(specs: list[TensorSpec], inputs: tuple[Any, ...]) -> None:
                 f"input {spec.name!r}: expected shape {spec.shape} {spec.dtype}, got {tuple(x.shape)} {got_dtype} "
                 "(the model is compiled for static shapes; convert again with other example inputs to change them)"
             )
+        check_finite(x, f"input {spec.name!r}")
 
 
 class TvmModule(nn.Module):

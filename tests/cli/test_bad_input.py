@@ -193,9 +193,10 @@ def test_existing_output_needs_force(prepared: Path, capsys) -> None:
     assert Path("ref.ckpt").read_text() == "an earlier result"
     assert run(capsys, "convert", "prepared.ckpt", "-o", "ref.ckpt", "--force")[0] == 0
     assert read_checkpoint("ref.ckpt").kind == "reference"
-    # the successful run's report is now protected as well
+    # the refused rerun does not replace the successful run's report with its failure
     code, err = run(capsys, "convert", "prepared.ckpt", "-o", "ref.ckpt")
-    assert code == 1 and "ref.ckpt, ref.ckpt.report.json already exist" in err
+    assert code == 1 and "output ref.ckpt already exists" in err
+    assert json.loads(Path("ref.ckpt.report.json").read_text())["exit_status"] == 0
 
 
 def test_a_failed_runs_report_does_not_block_a_retry(prepared: Path, capsys) -> None:
