@@ -257,6 +257,8 @@ def main_output(path: Path, folder: bool = False, owned: Callable[[Path], str | 
 
 
 def sibling(path: Path, suffix: str) -> Path:
-    """``path`` with ``suffix`` appended to its full name (``a.ckpt`` -> ``a.ckpt.report.json``)."""
+    """``path`` with ``suffix`` appended to its full name (``a.ckpt`` -> ``a.ckpt.report.json``; ``.`` names
+    the current folder by its absolute path)."""
+    path = path if path.name else Path(os.path.abspath(path))
     return path.with_name(path.name + suffix)
 

@@ -66,21 +66,24 @@ class _StaticBatch:
         return self.model(padded)[:n]
 
 
-#: per-layer manifest facts that must equal the reference's (:meth:`IntegerLayer.describe`); weight scales too
-_LAYER_FACTS = ("kind", "weight_shape", "weight_bits", "act_bits", "weight_encoding", "input_low", "input_step")
+#: per-layer manifest facts (:meth:`IntegerLayer.describe`) that fix the architecture, and those that fix the values
+_STRUCTURE_FACTS = ("kind", "weight_shape", "weight_bits", "act_bits", "weight_encoding")
+_VALUE_FACTS = ("input_low", "input_step", "weight_scale")
 
 
 def check_manifest_matches(manifest: dict[str, Any], reference: nn.Module, input_shape: tuple[int, ...],
                            path: Path, reference_path: Path) -> None:
-    """Fail unless the artifact's manifest describes ``reference``: one input of ``input_shape`` and the same
-    integer layers with the same shapes, bits, input grids and weight scales."""
+    """Fail unless the artifact's manifest describes ``reference``: one input of ``input_shape``, the same
+    integer layers with the same shapes and bits (else: another model), the same input grids and weight
+    scales (else: another checkpoint of that model)."""
     inputs = manifest.get("inputs")
     built_for = inputs[0].get("shape", [])[1:] if isinstance(inputs, list) and inputs else None
     if built_for != list(input_shape):
         raise CheckpointError(f"{path} was built for inputs of shape {built_for}, --reference {reference_path} "
                               f"is for {list(input_shape)}: the artifact was converted from another model")
     layers = {layer.get("name"): layer for layer in manifest.get("layers", []) if "weight_bits" in layer}
-    expected = {m.name: m for m in reference.modules() if isinstance(m, IntegerLayer)}
+    expected = {m.name: {**m.describe(), "weight_scale": [float(v) for v in m.weight_scale.tolist()]}
+                for m in reference.modules() if isinstance(m, IntegerLayer)}
     if set(layers) != set(expected):
         only_artifact, only_reference = sorted(set(layers) - set(expected)), sorted(set(expected) - set(layers))
         raise CheckpointError(
@@ -88,14 +91,15 @@ def check_manifest_matches(manifest: dict[str, Any], reference: nn.Module, input
             f"{only_artifact[:3] or 'none'}, only in the reference: {only_reference[:3] or 'none'}): "
             "the artifact was converted from another model"
         )
-    for name, layer in expected.items():
-        facts = {**layer.describe(), "weight_scale": [float(v) for v in layer.weight_scale.tolist()]}
-        for key in (*_LAYER_FACTS, "weight_scale"):
-            if layers[name].get(key) != facts[key]:
-                shown = "differ" if key == "weight_scale" else f"{layers[name].get(key)!r} vs {facts[key]!r}"
-                raise CheckpointError(f"{path}: layer {name} has another {key} than in --reference "
-                                      f"{reference_path} ({shown}): the artifact was converted from another "
-                                      "checkpoint")
+    for keys, origin in ((_STRUCTURE_FACTS, "model"), (_VALUE_FACTS, "checkpoint")):
+        for name, facts in expected.items():
+            for key in keys:
+                if layers[name].get(key) != facts[key]:
+                    shown = "differ" if key == "weight_scale" else (
+                        f"artifact {layers[name].get(key)!r}, reference {facts[key]!r}")
+                    raise CheckpointError(f"{path}: layer {name} has another {key} than in --reference "
+                                          f"{reference_path} ({shown}): the artifact was converted from another "
+                                          f"{origin}")
 
 
 def _folder(path: Path, report: RunReport, check: Callable[[dict[str, Any]], None]) -> Model | None:

@@ -97,7 +97,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def _writable_parent(output: Output) -> None:
     """The nearest existing ancestor must be a folder this process may create entries in."""
-    parent = Path(os.path.abspath(output.path)).parent
+    parent = Path(output.path).parent  # as the user wrote it, for the message
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
@@ -271,6 +271,7 @@ def staging_folder(path: str | os.PathLike) -> Path:
 
 
 def _backup(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
     return path.with_name(f".{path.name}.{_TEMP_TAG}old")
 
 
