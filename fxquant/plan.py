@@ -63,10 +63,9 @@ class BitwidthPlan:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write JSON atomically (a crash never leaves half a plan)."""
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        from fxquant.output_files import write_text_atomic
+
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def report(
         self,

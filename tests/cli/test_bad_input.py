@@ -9,6 +9,7 @@ import re
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -516,3 +517,47 @@ def test_non_finite_inputs_are_refused_by_the_reference_and_at_calibration(prepa
         guarded(x)
     with pytest.raises(fxquant.errors.InputError, match=r"example input 0 \(calibration data\) holds 1 non-finite"):
         fxquant.prepare(SPEC.build(), (torch.where(x.isinf(), 0.0, x),))
+
+
+def test_the_tvm_module_refuses_non_finite_inputs() -> None:
+    pytest.importorskip("fxquant.backends.tvm")
+    from fxquant.backends.tvm.lower import TensorSpec
+    from fxquant.backends.tvm.runtime import check_inputs
+
+    spec = TensorSpec("x", (1, 2), "float32")
+    check_inputs([spec], (torch.zeros(1, 2),))
+    with pytest.raises(fxquant.errors.InputError, match=r"input 'x' holds 1 non-finite value\(s\) \(1 NaN, 0 Inf\)"):
+        check_inputs([spec], (torch.tensor([[0.0, float("nan")]]),))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda path: path.write_bytes(b"not an array"), "input x: cannot read x.npy as a .npy array: "),
+        (lambda path: np.save(path, np.array([{"a": 1}], dtype=object)), "input x: cannot read x.npy as a .npy array"),
+        (lambda path: None, "input x: cannot read x.npy as a .npy array: [Errno 2] No such file or directory"),
+        (lambda path: np.save(path, np.zeros((1, 3), np.float32)),
+         "input x: expected [1, 2] float32, got [1, 3] float32"),
+        (lambda path: np.save(path, np.array([[0, np.nan]], np.float32)), "input x: x.npy holds NaN or Inf values"),
+    ],
+)
+def test_run_model_exits_2_with_one_line_on_a_bad_npy(workdir: Path, capsys, monkeypatch, make, message) -> None:
+    """The device runner checks its inputs before it loads model.so (a stand-in here)."""
+    pytest.importorskip("tvm")
+    import hashlib
+
+    from fxquant.backends.tvm import run_model
+
+    monkeypatch.setenv("TVM_USE_RUNTIME_LIB", "1")  # run() sets it for its own process; keep it out of this one
+    Path("art").mkdir()
+    Path("art/model.so").write_bytes(b"stand-in")
+    manifest = {"files": {"model.so": {"sha256": hashlib.sha256(b"stand-in").hexdigest()}},
+                "inputs": [{"name": "x", "shape": [1, 2], "dtype": "float32"}]}
+    Path("art/manifest.json").write_text(json.dumps(manifest))
+    make(Path("x.npy"))
+    with pytest.raises(SystemExit) as exc:
+        run_model.main(["--artifact", "art", "--input", "x.npy", "--output-dir", "out"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"run_model: {message}"), err
+    assert not Path("out").exists()
