@@ -111,7 +111,8 @@ def check_outputs(
 ) -> None:
     """Everything that can be known about the outputs before the work starts.
 
-    Two outputs, or an output and an input, that resolve to the same file (symlinks followed), or an input
+    Two outputs, or an output and an input, that resolve to the same file (symlinks followed, hard links
+    found by inode), or an input
     inside an output folder; a folder where a file goes or the reverse; a parent that is not writable; an
     existing output without ``force`` (except the ``rewritable`` ones); an existing folder the tool did not write.
     """
@@ -122,8 +123,9 @@ def check_outputs(
                 raise OutputError(f"{a.role} {a.path} and {b.role} {b.path} name the same path; give each its own")
         for role, path in inputs:
             path_in = Path(path).resolve()
-            if path_a == path_in or (a.folder and _inside(path_in, path_a)):
-                where = "is" if path_a == path_in else "holds"
+            same = path_a == path_in or (path_a.is_file() and path_in.is_file() and os.path.samefile(path_a, path_in))
+            if same or (a.folder and _inside(path_in, path_a)):
+                where = "is" if same else "holds"
                 raise OutputError(f"{a.role} {a.path} {where} the input {role} {path}; write the output elsewhere")
     for output in outputs:
         path = Path(output.path)
@@ -364,11 +366,14 @@ def clean_stale_temps(path: str | os.PathLike, max_age_s: float = STALE_AFTER_S)
 
 def manifest_owner(files: Iterable[str], formats: tuple[str, ...]) -> Callable[[Path], str | None]:
     """An ``owned`` check for folders the tool writes: only ``files``, and a ``manifest.json`` of a format
-    in ``formats``. Returns why a folder is not one (None when it is)."""
+    in ``formats`` (or nothing at all). Returns why a folder is not one (None when it is)."""
     allowed = set(files)
 
     def owned(folder: Path) -> str | None:
-        foreign = sorted(p.name for p in folder.iterdir() if p.name not in allowed)
+        entries = list(folder.iterdir())
+        if not entries:
+            return None  # an empty folder loses nothing
+        foreign = sorted(p.name for p in entries if p.name not in allowed)
         if foreign:
             shown = ", ".join(foreign[:3]) + (f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else "")
             return f"it holds files fxquant did not write ({shown})"

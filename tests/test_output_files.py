@@ -78,6 +78,9 @@ def test_outputs_that_collide_with_each_other_or_an_input_are_refused(tmp_path: 
         check_outputs([_out(tmp_path / "x.json", "--report"), _out(tmp_path / "sub" / ".." / "x.json")], [], False)
     with pytest.raises(OutputError, match=r"-o .*link\.ckpt is the input checkpoint .*in\.ckpt"):
         check_outputs([_out(tmp_path / "link.ckpt")], [("checkpoint", tmp_path / "in.ckpt")], True)
+    os.link(tmp_path / "in.ckpt", tmp_path / "hard.ckpt")
+    with pytest.raises(OutputError, match=r"-o .*hard\.ckpt is the input checkpoint"):
+        check_outputs([_out(tmp_path / "hard.ckpt")], [("checkpoint", tmp_path / "in.ckpt")], True)
     with pytest.raises(OutputError, match=r"-o .* holds the input checkpoint"):
         check_outputs([_out(tmp_path, folder=True)], [("checkpoint", tmp_path / "in.ckpt")], True)
     check_outputs([_out(tmp_path / "a"), _out(tmp_path / "b", "--report")], [("checkpoint", tmp_path / "in.ckpt")],

@@ -51,12 +51,12 @@ class Artifact:
         return report(self.manifest)
 
 
-def _export_library(executable: tvm.runtime.Executable, path: Path) -> None:
+def _export_library(executable: tvm.runtime.Executable, path: Path, workspace: Path) -> None:
     compiler = cross_compiler_name()
     if shutil.which(compiler) is None:
         raise BackendError(f"{compiler} not found: install g++-aarch64-linux-gnu (see .ci/setup-arm)")
     try:
-        executable.export_library(str(path), fcompile=cc.cross_compiler(compiler))
+        executable.export_library(str(path), fcompile=cc.cross_compiler(compiler), workspace_dir=str(workspace))
     except Exception as exc:
         raise BackendError(f"exporting {path.name} with {compiler} failed: {exc}") from exc
 
@@ -78,7 +78,11 @@ def export_artifact(
     staging = staging_folder(output_dir)
     try:
         library = staging / "model.so"
-        _export_library(executable, library)
+        workspace = staging_folder(output_dir)  # object files; a killed run's are removed by the next run
+        try:
+            _export_library(executable, library, workspace)
+        finally:
+            shutil.rmtree(workspace, ignore_errors=True)
         shutil.copyfile(_RUNNER, staging / "run_model.py")
         recorded = {"sha256": sha256_file(library), "bytes": library.stat().st_size}
         manifest = {**manifest, "files": {"model.so": recorded}}
