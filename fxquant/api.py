@@ -10,7 +10,8 @@ import torch
 from torch import fx, nn
 
 from fxquant.config import QuantConfig
-from fxquant.errors import ConfigError, FxQuantError
+from fxquant.errors import ConfigError, FxQuantError, NumericsError
+from fxquant.input_guard import check_finite
 from fxquant.layers import QuantLayer
 from fxquant.quantizers.base import Quantizer
 
@@ -55,6 +56,9 @@ def prepare_owned(
     gm.meta["fxquant.config"] = config
     if example_inputs is not None:
         args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        for i, x in enumerate(args):  # NaN calibration data would give every quantizer a NaN range
+            if isinstance(x, torch.Tensor):
+                check_finite(x, f"example input {i} (calibration data)")
         gm.eval()
         with torch.no_grad():
             gm(*args)
@@ -117,4 +121,17 @@ def convert(model: fx.GraphModule, backend: str = "torch", **options: Any) -> An
     if not isinstance(model, fx.GraphModule) or not quantized_layer_names(model):
         raise FxQuantError("convert() expects a model returned by fxquant.prepare() with at least one quantized layer")
     lower = get_backend(backend)
-    return lower(freeze(model), **options)
+    frozen = freeze(model)
+    _check_finite_state(frozen)
+    return lower(frozen, **options)
+
+
+def _check_finite_state(frozen: fx.GraphModule) -> None:
+    """Refuse NaN/Inf weights, scales or biases: they would convert into a model that outputs garbage."""
+    for name, tensor in [*frozen.named_parameters(), *frozen.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            layer, _, field = name.rpartition(".")
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NumericsError(f"layer {layer or '<model>'!r}: {field} holds {bad} non-finite value(s) of "
+                                f"{tensor.numel()}; the trained weights or quantizer scales are NaN/Inf, retrain "
+                                "or restore a good checkpoint")

@@ -239,6 +239,13 @@ class Checkpoint:
         try:
             data = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
             meta = json.loads(data["meta"])
+            shape = meta["input_shape"]
+            if not isinstance(shape, list) or not shape or any(
+                isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape
+            ):
+                raise CheckpointError(
+                    f"{source}: input_shape {shape!r} is invalid: expected positive integers like [1, 28, 28]"
+                )
             groups: dict[str, dict[str, torch.Tensor]] = {"state_dict": {}, "frozen_state_dict": {}, "training": {}}
             for key, tensor in data["tensors"].items():
                 group, _, name = key.partition("/")

@@ -64,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line, all of it
         print(f"fxquant {args.command}: error: {reason}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the system refused a read or write fxquant did not anticipate (disk full, permissions)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"fxquant {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"fxquant {args.command}: interrupted", file=sys.stderr)
         return 130

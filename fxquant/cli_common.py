@@ -1,5 +1,12 @@
 """What the pipeline subcommands share: argument groups, argument types, and the wrapper that gives every run
-its JSON report, its ``--force`` check and its exit status (0 ok, 1 fxquant error, 2 usage via argparse)."""
+its JSON report, its output checks and its exit status (0 ok, 1 fxquant error, 2 usage via argparse).
+
+Before any work the wrapper takes a lock per output (a second run on the same output fails at once),
+recovers interrupted folder replacements, removes temporaries of killed runs and checks every output
+(:func:`fxquant.output_files.check_outputs`): collisions with each other or with an input, folders where
+files go, unwritable folders, existing outputs without ``--force``. The report is published with the
+outputs under the same lock, and a failed run never replaces the report of a successful one.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxquant.errors import CheckpointError
+from fxquant.errors import CheckpointError, FxQuantError
 from fxquant.model_spec import TRUSTED_MODELS_ENV, ModelSpec, ModelTrust
-from fxquant.output_files import OutputExistsError, check_writable
-from fxquant.report import RunReport
+from fxquant.output_files import Output, check_outputs, clean_stale_temps, output_lock, recover_folder
+from fxquant.report import REPORT_FORMAT, RunReport
 
 __all__ = [
     "PipelineCommand",
+    "Output",
+    "main_output",
     "positive_int",
     "non_negative_float",
     "json_object",
@@ -181,17 +190,19 @@ def build_float_model(args: argparse.Namespace, report: RunReport, seed: int) ->
 
 @dataclass(frozen=True)
 class PipelineCommand:
-    """A subcommand as data: its arguments, its body, the paths it writes and where its report goes.
+    """A subcommand as data: its arguments, its body, the paths it reads and writes, and where its report goes.
 
     ``run(args, report)`` does the work and fills the report; raising a :class:`FxQuantError` makes the run
-    exit 1 with the report still written (with the error in it).
+    exit 1 with the report still written (with the error in it). ``outputs`` and ``inputs`` name every path
+    the run writes and reads, with the option that names it, so that collisions are refused before the work.
     """
 
     name: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace, RunReport], None]
-    outputs: Callable[[argparse.Namespace], Sequence[Path]]
+    outputs: Callable[[argparse.Namespace], Sequence[Output]]
     default_report: Callable[[argparse.Namespace], Path]
+    inputs: Callable[[argparse.Namespace], Sequence[tuple[str, Path]]] = lambda args: ()
 
     def setup(self, parser: argparse.ArgumentParser) -> Handler:
         self.add_arguments(parser)
@@ -201,34 +212,69 @@ class PipelineCommand:
         arguments = {k: v for k, v in vars(args).items() if k not in ("handler", "command")}
         report = RunReport(self.name, arguments)
         report_path = args.report if args.report is not None else self.default_report(args)
-        replaceable = not os.path.exists(report_path) or _failed_run_report(report_path)
-        try:
-            check_writable([*self.outputs(args)] + ([] if replaceable else [report_path]), args.force)
-        except OutputExistsError as exc:
-            report.fail(exc)
-            if replaceable:  # never replace the report of an earlier successful run
-                report.write(report_path)
-            raise
-        try:
-            self.run(args, report)
-        except (Exception, KeyboardInterrupt) as exc:  # fxquant errors exit 1, bugs keep their traceback
-            report.fail(exc, 130 if isinstance(exc, KeyboardInterrupt) else 1)
+        outputs = list(self.outputs(args))
+        inputs = [(role, path) for role, path in self.inputs(args) if path is not None]
+        report_output = Output(report_path, "--report" if args.report is not None else "report")
+        with output_lock([o.path for o in outputs] + [report_path]):
+            for output in outputs + [report_output]:
+                recover_folder(output.path)
+                clean_stale_temps(output.path)
+            # the command's own earlier report is rewritten by a rerun; any other file there needs --force
+            rewritable = [report_path] if _report_of(report_path, self.name) is not None else []
+            try:
+                check_outputs(outputs + [report_output], inputs, args.force, rewritable)
+            except FxQuantError as exc:
+                report.fail(exc)
+                _write_failure(report, report_path, outputs, inputs)
+                raise
+            try:
+                self.run(args, report)
+            except (Exception, KeyboardInterrupt) as exc:  # fxquant errors exit 1, bugs keep their traceback
+                report.fail(exc, 130 if isinstance(exc, KeyboardInterrupt) else 1)
+                _write_failure(report, report_path, outputs, inputs)
+                raise
+            report.exit_status = 0
             report.write(report_path)
-            raise
-        report.exit_status = 0
-        report.write(report_path)
         return 0
 
 
-def _failed_run_report(path: Path) -> bool:
-    """Whether ``path`` is the report of a failed run: a retry may replace it without ``--force``."""
+def _report_of(path: Path, command: str) -> dict[str, Any] | None:
+    """The report at ``path`` when it is an fxquant report of ``command``, else None."""
     try:
-        return json.loads(Path(path).read_text()).get("exit_status") not in (0, None)
-    except (OSError, ValueError, AttributeError):
-        return False
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and data.get("format") == REPORT_FORMAT and data.get("command") == command:
+        return data
+    return None
+
+
+def _write_failure(
+    report: RunReport, path: Path, outputs: Sequence[Output], inputs: Sequence[tuple[str, Path]]
+) -> None:
+    """Write a failed run's report where that loses nothing: never over an output, an input, a foreign file
+    or the report of a successful run (a retry may replace a failed run's report)."""
+    target = Path(path).resolve()
+    if any(target == Path(p).resolve() for p in [o.path for o in outputs] + [p for _, p in inputs]):
+        return
+    if os.path.lexists(path):
+        earlier = _report_of(path, report.command)
+        if earlier is None or earlier.get("exit_status") in (0, None):
+            return
+    try:
+        report.write(path)
+    except FxQuantError:
+        pass  # the error that ended the run is the one to show; the report folder may be what failed
+
+
+def main_output(path: Path, folder: bool = False, owned: Callable[[Path], str | None] | None = None) -> Output:
+    """The ``-o/--output`` of a command."""
+    return Output(path, "-o", folder, owned)
 
 
 def sibling(path: Path, suffix: str) -> Path:
-    """``path`` with ``suffix`` appended to its full name (``a.ckpt`` -> ``a.ckpt.report.json``)."""
+    """``path`` with ``suffix`` appended to its full name (``a.ckpt`` -> ``a.ckpt.report.json``; ``.`` names
+    the current folder by its absolute path)."""
+    path = path if path.name else Path(os.path.abspath(path))
     return path.with_name(path.name + suffix)
 

@@ -29,9 +29,11 @@ from fxquant.api import convert
 from fxquant.backends.registry import available_backends
 from fxquant.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from fxquant.cli_common import (
+    Output,
     PipelineCommand,
     add_output_arguments,
     add_trust_arguments,
+    main_output,
     model_trust,
     positive_int,
     sibling,
@@ -132,10 +134,24 @@ def run(args: Namespace, report: RunReport) -> None:
     print(f"converted {args.checkpoint} for backend {args.backend} -> {args.output}")
 
 
+def _artifact_owner(folder: Path) -> str | None:
+    """Why ``folder`` is not an artifact folder fxquant wrote (None when it is): ``--force`` replaces only those."""
+    from fxquant.backends.tvm.artifact import artifact_owner
+
+    return artifact_owner(folder)
+
+
+def _outputs(args: Namespace) -> list[Output]:
+    if args.backend in WRITERS:
+        return [main_output(args.output)]
+    return [main_output(args.output, folder=True, owned=_artifact_owner)]
+
+
 COMMAND = PipelineCommand(
     name="convert",
     add_arguments=add_arguments,
     run=run,
-    outputs=lambda args: [args.output],
+    outputs=_outputs,
     default_report=lambda args: sibling(args.output, ".report.json"),
+    inputs=lambda args: [("checkpoint", args.checkpoint)],
 )

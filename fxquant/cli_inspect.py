@@ -10,7 +10,14 @@ from argparse import ArgumentParser, Namespace
 from pathlib import Path
 
 from fxquant.checkpoint import read_checkpoint
-from fxquant.cli_common import PipelineCommand, add_output_arguments, add_trust_arguments, model_trust, sibling
+from fxquant.cli_common import (
+    Output,
+    PipelineCommand,
+    add_output_arguments,
+    add_trust_arguments,
+    model_trust,
+    sibling,
+)
 from fxquant.inspection import format_table, layer_rows, plot_rows
 from fxquant.output_files import write_bytes_atomic, write_text_atomic
 from fxquant.report import RunReport, jsonable
@@ -49,8 +56,8 @@ def run(args: Namespace, report: RunReport) -> None:
     )
 
 
-def _outputs(args: Namespace) -> list[Path]:
-    return [p for p in (args.json, args.plot) if p is not None]
+def _outputs(args: Namespace) -> list[Output]:
+    return [Output(p, role) for p, role in ((args.json, "--json"), (args.plot, "--plot")) if p is not None]
 
 
 def _default_report(args: Namespace) -> Path:
@@ -63,4 +70,5 @@ COMMAND = PipelineCommand(
     run=run,
     outputs=_outputs,
     default_report=_default_report,
+    inputs=lambda args: [("checkpoint", args.checkpoint)],
 )

@@ -17,6 +17,7 @@ from fxquant.cli_common import (
     add_model_arguments,
     add_output_arguments,
     build_float_model,
+    main_output,
     positive_int,
     shape,
     sibling,
@@ -93,6 +94,7 @@ COMMAND = PipelineCommand(
     name="prepare",
     add_arguments=add_arguments,
     run=run,
-    outputs=lambda args: [args.output],
+    outputs=lambda args: [main_output(args.output)],
     default_report=lambda args: sibling(args.output, ".report.json"),
+    inputs=lambda args: [("--config", args.config), ("--plan", args.plan), ("--weights", args.weights)],
 )

@@ -20,11 +20,13 @@ from typing import Any
 
 import fxquant
 from fxquant.cli_common import (
+    Output,
     PipelineCommand,
     add_data_arguments,
     add_model_arguments,
     add_output_arguments,
     build_float_model,
+    main_output,
     positive_int,
     progress_enabled,
     sibling,
@@ -96,6 +98,8 @@ COMMAND = PipelineCommand(
     name="search",
     add_arguments=add_arguments,
     run=run,
-    outputs=lambda args: [args.output] + ([args.weights_out] if args.weights_out is not None else []),
+    outputs=lambda args: [main_output(args.output)]
+    + ([Output(args.weights_out, "--weights-out")] if args.weights_out is not None else []),
     default_report=lambda args: sibling(args.output, ".report.json"),
+    inputs=lambda args: [("--config", args.config), ("--weights", args.weights)],
 )

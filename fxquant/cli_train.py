@@ -20,6 +20,7 @@ from fxquant.cli_common import (
     add_data_arguments,
     add_output_arguments,
     add_trust_arguments,
+    main_output,
     model_trust,
     non_negative_float,
     positive_int,
@@ -116,6 +117,7 @@ COMMAND = PipelineCommand(
     name="train",
     add_arguments=add_arguments,
     run=run,
-    outputs=lambda args: [args.output],
+    outputs=lambda args: [main_output(args.output)],
     default_report=lambda args: sibling(args.output, ".report.json"),
+    inputs=lambda args: [("checkpoint", args.checkpoint)],
 )

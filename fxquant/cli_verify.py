@@ -11,7 +11,9 @@ reference checkpoint (``fxquant convert --backend torch``), a prepared checkpoin
 ``--reference`` model compiled with ``--backend`` in this process, or an artifact folder. An aarch64 folder
 runs under ``qemu-aarch64`` when the emulation cache of ``.ci/setup-arm`` is there (all batches in one
 emulated process, with the native runner ``fxquant_run`` when it can be built); elsewhere
-``--integrity-only`` checks its files against its manifest instead.
+``--integrity-only`` checks its files against its manifest instead. In every case an artifact folder's
+manifest must describe the ``--reference`` model (input shape, integer layers, their shapes, bits and
+quantizer grids), so a folder built from another model or checkpoint is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from fxquant.api import convert
 from fxquant.backends.registry import available_backends
@@ -40,8 +43,9 @@ from fxquant.cli_common import (
 )
 from fxquant.cli_convert import static_example
 from fxquant.data_source import DataSpec, data_location, open_data
-from fxquant.errors import BackendError
+from fxquant.errors import BackendError, CheckpointError
 from fxquant.input_guard import InputGuard
+from fxquant.integer import IntegerLayer
 from fxquant.model_spec import ModelTrust
 from fxquant.report import RunReport
 from fxquant.verification import VerificationError, compare
@@ -117,9 +121,50 @@ def _require_emulation(context: str) -> None:
         )
 
 
-def _folder(path: Path, args: Namespace, batches: Batches, report: RunReport) -> Model | None:
-    """An artifact folder: files checked against its manifest, then run under qemu (or only checked)."""
+#: per-layer manifest facts (:meth:`IntegerLayer.describe`) that fix the architecture, and those that fix the values
+_STRUCTURE_FACTS = ("kind", "weight_shape", "weight_bits", "act_bits", "weight_encoding")
+_VALUE_FACTS = ("input_low", "input_step", "weight_scale")
+
+
+def check_manifest_matches(manifest: dict[str, Any], reference: nn.Module, input_shape: tuple[int, ...],
+                           path: Path, reference_path: Path) -> None:
+    """Fail unless the artifact's manifest describes ``reference``: one input of ``input_shape``, the same
+    integer layers with the same shapes and bits (else: another model), the same input grids and weight
+    scales (else: another checkpoint of that model)."""
+    inputs = manifest.get("inputs")
+    built_for = inputs[0].get("shape", [])[1:] if isinstance(inputs, list) and inputs else None
+    if built_for != list(input_shape):
+        raise CheckpointError(f"{path} was built for inputs of shape {built_for}, --reference {reference_path} "
+                              f"is for {list(input_shape)}: the artifact was converted from another model")
+    layers = {layer.get("name"): layer for layer in manifest.get("layers", []) if "weight_bits" in layer}
+    expected = {m.name: {**m.describe(), "weight_scale": [float(v) for v in m.weight_scale.tolist()]}
+                for m in reference.modules() if isinstance(m, IntegerLayer)}
+    if set(layers) != set(expected):
+        only_artifact, only_reference = sorted(set(layers) - set(expected)), sorted(set(expected) - set(layers))
+        raise CheckpointError(
+            f"{path} does not have the integer layers of --reference {reference_path} (only in the artifact: "
+            f"{only_artifact[:3] or 'none'}, only in the reference: {only_reference[:3] or 'none'}): "
+            "the artifact was converted from another model"
+        )
+    for keys, origin in ((_STRUCTURE_FACTS, "model"), (_VALUE_FACTS, "checkpoint")):
+        for name, facts in expected.items():
+            for key in keys:
+                if layers[name].get(key) != facts[key]:
+                    shown = "differ" if key == "weight_scale" else (
+                        f"artifact {layers[name].get(key)!r}, reference {facts[key]!r}")
+                    raise CheckpointError(f"{path}: layer {name} has another {key} than in --reference "
+                                          f"{reference_path} ({shown}): the artifact was converted from another "
+                                          f"{origin}")
+
+
+ManifestCheck = Callable[[dict[str, Any], Path], None]
+
+
+def _folder(path: Path, args: Namespace, batches: Batches, report: RunReport, check: ManifestCheck) -> Model | None:
+    """An artifact folder: files checked against its manifest, the manifest against the reference (``check``),
+    then run under qemu (or only checked)."""
     manifest = _tvm_backend().verify_artifact(path)
+    check(manifest, path)
     report.metrics["artifact"] = {"backend": manifest.get("backend"), "files": manifest.get("files")}
     if args.integrity_only:
         return None
@@ -155,20 +200,20 @@ def add_arguments(parser: ArgumentParser) -> None:
 
 
 def _candidate(args: Namespace, checkpoint: Checkpoint, prepared: torch.fx.GraphModule, batches: Batches,
-               report: RunReport, scratch: contextlib.ExitStack) -> Model | None:
+               report: RunReport, scratch: contextlib.ExitStack, check: ManifestCheck) -> Model | None:
     if args.backend == "tvm-arm":  # an artifact folder like `fxquant convert` writes, thrown away afterwards
         if not args.integrity_only:  # fail before a build that could not run
             _require_emulation("--backend tvm-arm:")
         folder = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="fxquant-verify-"))) / "artifact"
         convert(prepared, backend="tvm-arm", output_dir=folder,
                 example_inputs=static_example(checkpoint, args.batch_size))
-        return _folder(folder, args, batches, report)
+        return _folder(folder, args, batches, report, check)
     if args.backend is not None:
         built = convert(prepared, backend=args.backend, example_inputs=static_example(checkpoint, args.batch_size))
         return _StaticBatch(built, args.batch_size)
     report.add_input("artifact", args.artifact)
     if args.artifact.is_dir():
-        return _folder(args.artifact, args, batches, report)
+        return _folder(args.artifact, args, batches, report, check)
     artifact = read_checkpoint(args.artifact)
     return CHECKPOINT_CANDIDATES[artifact.kind](artifact, model_trust(args))
 
@@ -177,7 +222,12 @@ def run(args: Namespace, report: RunReport) -> None:
     checkpoint = read_checkpoint(args.reference)
     report.add_input("reference", args.reference)
     prepared = checkpoint.build_prepared(trust=model_trust(args))
-    reference = InputGuard(convert(prepared, backend="torch"), checkpoint.input_shape)
+    frozen = convert(prepared, backend="torch")
+    reference = InputGuard(frozen, checkpoint.input_shape)
+
+    def check(manifest: dict[str, Any], path: Path) -> None:
+        check_manifest_matches(manifest, frozen, checkpoint.input_shape, path, args.reference)
+
     data = DataSpec(args.data, args.batch_size, None, args.test_subset, args.seed, checkpoint.input_shape[0])
     report.settings.update(data=data.to_dict(), atol=args.atol, min_agreement=args.min_agreement)
     with contextlib.ExitStack() as scratch:
@@ -189,7 +239,7 @@ def run(args: Namespace, report: RunReport) -> None:
                 report.add_input("data", location, source=data.source)
             batches = list(test)  # the same batches, in the same order, for both models
         with report.phase("load"):
-            candidate = _candidate(args, checkpoint, prepared, batches, report, scratch)
+            candidate = _candidate(args, checkpoint, prepared, batches, report, scratch, check)
         if candidate is None:
             print(f"{args.artifact or args.backend}: files and hashes match its manifest (numerics not checked)")
             return
@@ -214,4 +264,5 @@ COMMAND = PipelineCommand(
     run=run,
     outputs=lambda args: [],
     default_report=_default_report,
+    inputs=lambda args: [("artifact", args.artifact), ("--reference", args.reference)],
 )

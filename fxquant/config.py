@@ -42,6 +42,15 @@ def _check_quantizer(option: str, name: Any, allow_none: bool = False) -> None:
         raise ConfigError(f"{option}={name!r} is not a known quantizer; allowed: {', '.join(known)}")
 
 
+def _check_bool(option: str, value: Any, allow_none: bool = False) -> None:
+    """Booleans only: a string such as ``"false"`` or ``"no"`` would otherwise count as true."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, bool):
+        allowed = "True, False or None" if allow_none else "True or False"
+        raise ConfigError(f"{option}={value!r} is invalid: expected {allowed}")
+
+
 @dataclass(frozen=True)
 class LayerOverride:
     """Settings for the layers an override key selects; ``None`` keeps the global value.
@@ -59,6 +68,8 @@ class LayerOverride:
         _check_bits("LayerOverride.weight_bits", self.weight_bits, allow_none=True)
         _check_bits("LayerOverride.act_bits", self.act_bits, allow_none=True)
         _check_quantizer("LayerOverride.quantizer", self.quantizer, allow_none=True)
+        _check_bool("LayerOverride.per_channel", self.per_channel, allow_none=True)
+        _check_bool("LayerOverride.exclude", self.exclude)
 
 
 @dataclass(frozen=True)
@@ -101,13 +112,17 @@ class QuantConfig:
         _check_bits("weight_bits", self.weight_bits)
         _check_bits("act_bits", self.act_bits)
         _check_bits("first_last_bits", self.first_last_bits, allow_none=True)
-        if not isinstance(self.per_channel, bool):
-            raise ConfigError(f"per_channel={self.per_channel!r} is invalid: expected True or False")
+        _check_bool("per_channel", self.per_channel)
         if self.fold_bn not in BN_MODES:
             raise ConfigError(f"fold_bn={self.fold_bn!r} is invalid; allowed: {', '.join(BN_MODES)}")
         if not isinstance(self.overrides, Mapping):
             raise ConfigError(f"overrides must be a mapping of layer key to LayerOverride, got {self.overrides!r}")
         for key, value in self.overrides.items():
+            if not isinstance(key, str) or not key:
+                raise ConfigError(
+                    f"overrides key {key!r} is invalid: expected a layer name, a glob pattern or 'type:ClassName' "
+                    "(quote numbers in YAML)"
+                )
             if not isinstance(value, LayerOverride):
                 raise ConfigError(f"overrides[{key!r}] must be a LayerOverride, got {type(value).__name__}")
         for option in ("exclude", "leaf_modules"):
@@ -150,6 +165,9 @@ class QuantConfig:
             override_keys = {f.name for f in fields(LayerOverride)}
             overrides = {}
             for key, value in dict(kwargs["overrides"]).items():
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"overrides[{key!r}]={value!r} is invalid: expected a mapping with keys from "
+                                      f"{', '.join(sorted(override_keys))}")
                 bad = sorted(set(value) - override_keys)
                 if bad:
                     raise ConfigError(

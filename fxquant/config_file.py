@@ -60,6 +60,8 @@ def read_config_data(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
     except _PARSE_ERRORS as exc:
         raise ConfigError(f"{path}: syntax error: {' '.join(str(exc).split())}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
     if data is None:
         data = {}
     if not isinstance(data, Mapping):

@@ -57,7 +57,12 @@ def _load_folder(root: Path, grayscale: bool) -> tuple[torch.Tensor, torch.Tenso
         folder = datasets.ImageFolder(str(root), transform=transforms.Compose([*steps, transforms.ToTensor()]))
     except (FileNotFoundError, OSError) as exc:
         raise ConfigError(f"data folder {root}: {exc}") from exc
-    images = [folder[i][0] for i in range(len(folder))]
+    images = []
+    for i, (path, _) in enumerate(folder.samples):
+        try:
+            images.append(folder[i][0])
+        except Exception as exc:  # PIL raises many types for damaged or foreign files
+            raise ConfigError(f"data folder {root}: cannot read image {path}: {type(exc).__name__}: {exc}") from exc
     sizes = sorted({tuple(im.shape) for im in images})
     if len(sizes) > 1:
         raise ConfigError(f"data folder {root}: images differ in size ({sizes[:3]}); resize them to one size first")

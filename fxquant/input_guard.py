@@ -1,7 +1,12 @@
-"""A converted model checks its input against the shape it was prepared for.
+"""A converted model checks its input against the shape it was prepared for, and refuses NaN and Inf.
 
 Integer layers check channels, but a wrong height/width or a stray dtype can still flow through pooling
 and give confident nonsense; deployed artifacts are built for one input shape, so the reference is too.
+
+Non-finite inputs are refused (:class:`~fxquant.errors.InputError`) rather than propagated: the first
+integer layer rounds them to some code, and which code differs between the torch reference, the x86 and
+the aarch64 builds, so no backend could promise the reference's output. Every backend checks the same way:
+this guard, ``TvmModule`` (``"tvm-llvm"``) and ``run_model.py`` (``"tvm-arm"``, exit status 2).
 """
 
 from __future__ import annotations
@@ -13,7 +18,16 @@ from torch import nn
 
 from fxquant.errors import InputError
 
-__all__ = ["InputGuard"]
+__all__ = ["InputGuard", "check_finite"]
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """Raise :class:`InputError` naming ``what`` and the count of NaN/Inf values when ``x`` has any."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        nan = int(torch.isnan(x).sum())
+        raise InputError(f"{what} holds {bad} non-finite value(s) ({nan} NaN, {bad - nan} Inf) of {x.numel()}; "
+                         "fxquant models accept finite inputs only")
 
 
 class InputGuard(nn.Module):
@@ -39,6 +53,7 @@ class InputGuard(nn.Module):
             raise InputError(f"expected input of shape {expected}, got dtype {str(x.dtype).removeprefix('torch.')}")
         if x.dim() != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
             raise InputError(f"expected input of shape {expected}, got shape {tuple(x.shape)}")
+        check_finite(x, "the input")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check(x)

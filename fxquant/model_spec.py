@@ -54,6 +54,12 @@ def _import_function(module_name: str, function: str) -> Builder:
             f"model spec {module_name}:{function}: cannot import module {module_name!r} ({exc}); the module must "
             "be importable: install it, add its folder to PYTHONPATH, or run from the folder that holds it"
         ) from exc
+    except Exception as exc:  # a syntax error or an exception while the module runs
+        where = f" ({exc.filename}:{exc.lineno})" if isinstance(exc, SyntaxError) else ""
+        raise ConfigError(
+            f"model spec {module_name}:{function}: importing module {module_name!r} failed{where}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     fn = getattr(module, function, None)
     if fn is None:
         raise ConfigError(f"model spec {module_name}:{function}: module {module_name!r} has no function {function!r}")
@@ -166,6 +172,8 @@ class ModelSpec:
             model = fn(**self.kwargs)
         except TypeError as exc:
             raise ConfigError(f"model spec {self}: the builder rejected its arguments: {exc}") from exc
+        except Exception as exc:  # the user's code failed; say whose
+            raise ConfigError(f"model spec {self}: the builder raised {type(exc).__name__}: {exc}") from exc
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model spec {self}: the builder returned {type(model).__name__}, not a torch.nn.Module")
         return model

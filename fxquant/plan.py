@@ -63,10 +63,9 @@ class BitwidthPlan:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write JSON atomically (a crash never leaves half a plan)."""
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        from fxquant.output_files import write_text_atomic
+
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def report(
         self,
@@ -85,7 +84,16 @@ class BitwidthPlan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> BitwidthPlan:
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read bitwidth plan {path}: {exc}") from exc
-        return cls.from_dict(data)
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read bitwidth plan {path}: {exc.strerror or exc}") from exc
+        except ValueError as exc:  # JSON syntax or not UTF-8
+            raise ConfigError(f"cannot read bitwidth plan {path}: {' '.join(str(exc).split())}") from exc
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"bitwidth plan {path}: expected a JSON object, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"bitwidth plan {path}: {exc}") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"bitwidth plan {path} is malformed: {type(exc).__name__}: {exc}") from exc

@@ -21,7 +21,7 @@ from typing import Any
 
 from fxquant.output_files import sha256_path, write_text_atomic
 
-__all__ = ["REPORT_FORMAT", "RunReport", "versions", "jsonable"]
+__all__ = ["REPORT_FORMAT", "RunReport", "versions", "thread_counts", "jsonable"]
 
 REPORT_FORMAT = "fxquant.report/1"
 #: distribution name -> report key; tvm is looked up without importing it (that takes seconds)
@@ -39,6 +39,16 @@ def versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             out[key] = None
     return out
+
+
+def thread_counts() -> dict[str, int | None]:
+    """The thread counts the numbers may depend on (float reductions are summed in another order with more
+    threads): torch's intra-op pool, the TVM pool as sized by this run (None when unused), and the CPUs."""
+    import torch
+
+    from fxquant.tvm_threads import default_threads, pool_size
+
+    return {"torch": torch.get_num_threads(), "tvm": pool_size(), "cpus": default_threads()}
 
 
 def jsonable(value: Any) -> Any:
@@ -117,6 +127,7 @@ class RunReport:
             "settings": jsonable(self.settings),
             "metrics": jsonable(self.metrics),
             "versions": versions(),
+            "threads": thread_counts(),
             "timings": {
                 "started_at": self._started_at,
                 "finished_at": _now(),

@@ -10,7 +10,7 @@ import os
 
 from fxquant.errors import ConfigError
 
-__all__ = ["ensure_pool_size", "default_threads", "check_threads"]
+__all__ = ["ensure_pool_size", "default_threads", "check_threads", "pool_size"]
 
 _pool_threads: list[int] = []  # the size last set
 
@@ -25,6 +25,11 @@ def check_threads(threads: object) -> int | None:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"num_threads={threads!r} is invalid: expected a positive integer or None")
     return threads
+
+
+def pool_size() -> int | None:
+    """The size of the TVM pool this process last set, or None when nothing has called into TVM yet."""
+    return _pool_threads[0] if _pool_threads else None
 
 
 def ensure_pool_size(threads: int) -> None:

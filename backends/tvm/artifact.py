@@ -1,15 +1,16 @@
 """The ``"tvm-arm"`` artifact folder: ``model.so`` (aarch64), ``manifest.json`` and ``run_model.py``.
 
-The folder is built in a temporary sibling and renamed into place, so a reader never sees half an
-artifact; an existing folder is replaced only with ``force=True``. The manifest records the sha256 of
-``model.so`` and every reader checks it, so a truncated or corrupted copy fails with the file's name.
+The folder is built in a temporary sibling and swapped into place (:func:`fxquant.output_files.publish_folder`),
+so a reader never sees half an artifact; an existing folder is replaced only with ``force=True`` and only when
+it holds nothing but an artifact's files (:func:`artifact_owner`), so ``force`` never deletes a user's files.
+The manifest records the sha256 of ``model.so`` and every reader checks it, so a truncated or corrupted
+copy fails with the file's name.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,16 @@ import tvm
 from tvm.support import cc
 
 from fxquant.backends.tvm.build import ARM_TRIPLE
-from fxquant.backends.tvm.manifest import manifest_json, report, sha256_file
+from fxquant.backends.tvm.manifest import FORMAT, manifest_json, report, sha256_file
 from fxquant.errors import BackendError
+from fxquant.output_files import manifest_owner, publish_folder, staging_folder
 
-__all__ = ["Artifact", "export_artifact", "load_manifest", "verify_artifact", "cross_compiler_name", "ARTIFACT_FILES"]
+__all__ = ["Artifact", "export_artifact", "load_manifest", "verify_artifact", "cross_compiler_name", "ARTIFACT_FILES",
+           "artifact_owner"]
 
 ARTIFACT_FILES = ("model.so", "manifest.json", "run_model.py")
+#: why a folder is not an artifact folder fxquant wrote (None when it is): the check before ``force`` replaces it
+artifact_owner = manifest_owner(ARTIFACT_FILES, (FORMAT,))
 _RUNNER = Path(__file__).with_name("run_model.py")
 
 
@@ -46,12 +51,12 @@ class Artifact:
         return report(self.manifest)
 
 
-def _export_library(executable: tvm.runtime.Executable, path: Path) -> None:
+def _export_library(executable: tvm.runtime.Executable, path: Path, workspace: Path) -> None:
     compiler = cross_compiler_name()
     if shutil.which(compiler) is None:
         raise BackendError(f"{compiler} not found: install g++-aarch64-linux-gnu (see .ci/setup-arm)")
     try:
-        executable.export_library(str(path), fcompile=cc.cross_compiler(compiler))
+        executable.export_library(str(path), fcompile=cc.cross_compiler(compiler), workspace_dir=str(workspace))
     except Exception as exc:
         raise BackendError(f"exporting {path.name} with {compiler} failed: {exc}") from exc
 
@@ -68,23 +73,21 @@ def export_artifact(
     output_dir = Path(output_dir)
     if output_dir.exists() and not force:
         raise BackendError(f"output_dir {output_dir} already exists; pass force=True to replace it")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be copied and read
+    if output_dir.exists() and (why := artifact_owner(output_dir)) is not None:
+        raise BackendError(f"refusing to replace output_dir {output_dir}: {why}")
+    staging = staging_folder(output_dir)
     try:
         library = staging / "model.so"
-        _export_library(executable, library)
+        workspace = staging_folder(output_dir)  # object files; a killed run's are removed by the next run
+        try:
+            _export_library(executable, library, workspace)
+        finally:
+            shutil.rmtree(workspace, ignore_errors=True)
         shutil.copyfile(_RUNNER, staging / "run_model.py")
         recorded = {"sha256": sha256_file(library), "bytes": library.stat().st_size}
         manifest = {**manifest, "files": {"model.so": recorded}}
         (staging / "manifest.json").write_text(manifest_json(manifest))
-        if output_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old.", dir=output_dir.parent))
-            output_dir.rename(trash / "old")
-            staging.rename(output_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            staging.rename(output_dir)
+        publish_folder(staging, output_dir, artifact_owner)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -94,11 +97,17 @@ def export_artifact(
 def load_manifest(artifact_dir: str | Path) -> dict[str, Any]:
     path = Path(artifact_dir) / "manifest.json"
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise BackendError(f"{path} is missing: not an fxquant TVM artifact") from exc
-    except json.JSONDecodeError as exc:
-        raise BackendError(f"{path} is not valid JSON: {exc}") from exc
+    except OSError as exc:
+        raise BackendError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # JSON and UTF-8 decoding errors
+        raise BackendError(f"{path} is not valid JSON: {' '.join(str(exc).split())}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BackendError(f"{path} is not an fxquant TVM artifact manifest (format {got!r}, expected {FORMAT!r})")
+    return manifest
 
 
 def verify_artifact(artifact_dir: str | Path) -> dict[str, Any]:
@@ -109,7 +118,10 @@ def verify_artifact(artifact_dir: str | Path) -> dict[str, Any]:
         if not (artifact_dir / name).is_file():
             raise BackendError(f"{artifact_dir / name} is missing")
     library = artifact_dir / "model.so"
-    recorded = manifest.get("files", {}).get("model.so", {})
+    recorded = manifest.get("files")
+    recorded = recorded.get("model.so") if isinstance(recorded, dict) else None
+    if not isinstance(recorded, dict):
+        raise BackendError(f"{artifact_dir / 'manifest.json'} is malformed: it has no files.model.so entry")
     actual = sha256_file(library)
     if actual != recorded.get("sha256"):
         size = library.stat().st_size

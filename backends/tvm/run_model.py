@@ -5,7 +5,8 @@ runtime and numpy on the device (no PyTorch, no fxquant): it checks model.so aga
 sha256, checks each input's shape and dtype, runs ``main`` on the CPU and writes ``output_<i>.npy``.
 ``--num-threads N`` sizes TVM's thread pool; ``--runs K`` takes K groups of inputs and writes
 ``run_<j>/output_<i>.npy`` (loading the runtime once). The native runner ``fxquant_run`` takes the same
-options. Exit status 2 means a bad artifact, input or option, with the reason on stderr.
+options. Exit status 2 means a bad artifact, input or option (unreadable, wrong shape or dtype, NaN or Inf),
+with the reason on one line of stderr.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 __all__ = ["main", "run", "set_num_threads"]
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     print(f"run_model: {message}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -51,24 +53,33 @@ def run(artifact: Path, inputs: list[Path], output_dir: Path, num_threads: int |
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    manifest = json.loads((artifact / "manifest.json").read_text())
+    try:
+        manifest = json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))
+        expected = manifest["files"]["model.so"]["sha256"]
+        specs = [(spec["name"], spec["shape"], spec["dtype"]) for spec in manifest["inputs"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        _fail(f"{artifact / 'manifest.json'} is missing or malformed: {type(exc).__name__}: {exc}")
     library = artifact / "model.so"
-    expected = manifest["files"]["model.so"]["sha256"]
     if not library.is_file():
         _fail(f"{library} is missing")
     if _sha256(library) != expected:
         _fail(f"{library} does not match the sha256 in manifest.json (truncated or corrupted)")
-    specs = manifest["inputs"]
     if len(inputs) != len(specs) * runs:
         _fail(f"expected {len(specs) * runs} input file(s) ({len(specs)} per run), got {len(inputs)}")
     groups = []
     for start in range(0, len(inputs), len(specs)):
         arrays = []
-        for spec, path in zip(specs, inputs[start:start + len(specs)], strict=True):
-            array = np.load(path)
-            if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
-                wanted = f"{spec['shape']} {spec['dtype']}"
-                _fail(f"input {spec['name']}: expected {wanted}, got {list(array.shape)} {array.dtype}")
+        for (name, shape, dtype), path in zip(specs, inputs[start:start + len(specs)], strict=True):
+            try:
+                array = np.load(path, allow_pickle=False)
+            except (OSError, ValueError, EOFError) as exc:  # missing, truncated, not .npy, or a pickled object
+                _fail(f"input {name}: cannot read {path} as a .npy array: {' '.join(str(exc).split())}")
+            if not isinstance(array, np.ndarray):
+                _fail(f"input {name}: {path} is an .npz archive, expected one .npy array")
+            if list(array.shape) != shape or str(array.dtype) != dtype:
+                _fail(f"input {name}: expected {shape} {dtype}, got {list(array.shape)} {array.dtype}")
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                _fail(f"input {name}: {path} holds NaN or Inf values; the model accepts finite inputs only")
             arrays.append(tvm.runtime.tensor(np.ascontiguousarray(array)))
         groups.append(arrays)
     if num_threads is not None:

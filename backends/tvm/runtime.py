@@ -13,6 +13,7 @@ from tvm import relax
 from fxquant.backends.tvm.lower import TensorSpec
 from fxquant.backends.tvm.manifest import report
 from fxquant.errors import BackendError, InputError
+from fxquant.input_guard import check_finite
 from fxquant.tvm_threads import check_threads, default_threads, ensure_pool_size
 
 __all__ = ["TvmModule", "check_inputs"]
@@ -33,6 +34,7 @@ def check_inputs(specs: list[TensorSpec], inputs: tuple[Any, ...]) -> None:
                 "(the model is compiled for static shapes; for another batch size convert again with "
                 "fxquant.convert(qmodel, backend, example_inputs=(torch.zeros(N, ...),)))"
             )
+        check_finite(x, f"input {spec.name!r}")
 
 
 class TvmModule(nn.Module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,6 +82,27 @@ def test_arm_artifact_folder_is_checked_for_integrity(workdir: Path, capsys, mon
     library.write_bytes(library.read_bytes()[:1000])
     assert main(["verify", "art", "--reference", "q.ckpt", "--integrity-only", "--force"]) == 1
     assert "truncated or corrupted" in capsys.readouterr().err
+    # a killed run's staging folder is removed, and --force replaces a folder fxquant wrote, in one step
+    Path(".art.fxq-4206969-killed").mkdir()
+    assert main(["convert", "q.ckpt", "--backend", "tvm-arm", "-o", "art", "--force"]) == 0
+    assert sorted(p.name for p in Path("art").iterdir()) == ["manifest.json", "model.so", "run_model.py"]
+    assert not Path(".art.fxq-4206969-killed").exists()
+    assert main(["verify", "art", "--reference", "q.ckpt", "--integrity-only"]) == 0
+    capsys.readouterr()
+    # the integrity check needs the reference the artifact was built from
+    for spec, config, message in [
+        (ModelSpec("tests.conftest:TinyNet", {"classes": 3}), fxquant.QuantConfig(weight_bits=2, act_bits=2),
+         r"layer fc has another weight_shape than in --reference other.ckpt \(artifact \[5, 8\], reference "
+         r"\[3, 8\]\): the artifact was converted from another model"),
+        (SPEC, fxquant.QuantConfig(weight_bits=3, act_bits=2),
+         r"layer conv2 has another weight_bits than in --reference other.ckpt \(artifact 2, reference 3\)"),
+        (SPEC, fxquant.QuantConfig(weight_bits=2, act_bits=2),
+         r"layer conv1 has another input_low .*: the artifact was converted from another checkpoint"),
+    ]:
+        qother = fxquant.prepare(calibrate_bn(spec.build(), (8, 3, 12, 12)), (torch.randn(8, 3, 12, 12),), config)
+        save_checkpoint(Checkpoint.from_prepared(qother, (3, 12, 12), spec), "other.ckpt", force=True)
+        assert main(["verify", "art", "--reference", "other.ckpt", "--integrity-only", "--force"]) == 1
+        assert re.search(message, capsys.readouterr().err)
 
 
 @needs_cross_compiler

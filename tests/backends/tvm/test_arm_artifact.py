@@ -84,7 +84,12 @@ def test_existing_folder_needs_force(built, tmp_path: Path) -> None:
     with pytest.raises(fxquant.BackendError, match=r"already exists.*force=True"):
         fxquant.convert(q, backend="tvm-arm", output_dir=target)
     assert (target / "keep.txt").read_text() == "user data"
-    art = fxquant.convert(q, backend="tvm-arm", output_dir=target, force=True)
+    with pytest.raises(fxquant.BackendError, match=r"refusing to replace .*art: it holds files fxquant did not "
+                                                   r"write \(keep\.txt\)"):
+        fxquant.convert(q, backend="tvm-arm", output_dir=target, force=True)  # force never deletes user files
+    assert (target / "keep.txt").read_text() == "user data"
+    (target / "keep.txt").unlink()
+    art = fxquant.convert(q, backend="tvm-arm", output_dir=target, force=True)  # an empty folder loses nothing
     assert sorted(p.name for p in art.path.iterdir()) == ["manifest.json", "model.so", "run_model.py"]
     assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no staging or old copies left behind
     verify_artifact(target)
