@@ -238,8 +238,8 @@ def test_budget_that_cannot_be_met(workdir: Path, capsys) -> None:
 
 @needs_fashion_mnist
 def test_latency_budget_that_cannot_be_met_names_the_lowest_latency(workdir: Path, capsys) -> None:
-    code, err = run(capsys, "search", "--model", SPEC.target, "--budget", "latency_ms=1e-6", "--target", "cortex-a72",
-                    "--train-subset", "16", "--batch-size", "16", "-o", "plan.json")
+    code, err = run(capsys, "search", "--model", SPEC.target, "--budget", "latency_ms=1e-6", "--target", "host",
+                    "--cost-model", "model", "--train-subset", "16", "--batch-size", "16", "-o", "plan.json")
     assert code == 1
     assert re.search(r"budget latency_ms=1e-06 cannot be met: the minimum achievable latency_ms is [\d.]+", err)
     assert not Path("plan.json").exists()
