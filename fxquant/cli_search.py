@@ -4,7 +4,11 @@
     fxquant prepare --model fxquant.models:resnet_small --weights searched.pt --plan plan.json -o prepared.ckpt
 
 ``--budget KEY=VALUE`` pairs become ``fxquant.Budget.from_dict({KEY: VALUE, ...})`` (values parsed as JSON
-when they can be), e.g. ``--budget avg_weight_bits=3 --budget min_bits=2``. A budget no plan can meet fails
+when they can be), e.g. ``--budget avg_weight_bits=3 --budget min_bits=2``. A latency budget names its target
+and cost model with ``--target`` and ``--cost-model`` (the same as ``--budget target=...``)::
+
+    fxquant search --model fxquant.models:resnet_small --budget latency_ms=0.5 --target cortex-a72 -o plan.json
+ A budget no plan can meet fails
 before any training, naming the lowest achievable cost. ``--config`` gives the base quantizer and the fixed
 layers (first/last bits, overrides). The search itself is :func:`fxquant.search`; where this installation
 lacks it, the command exits 1 and says so. ``--weights-out`` saves the float weights the search trained (a
@@ -56,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser, train=True, test=False, batch_default=64)
     parser.add_argument("--budget", type=budget_item, action="append", required=True, metavar="KEY=VALUE",
                         help="a field of fxquant.Budget, e.g. avg_weight_bits=3 (repeat for several)")
+    parser.add_argument("--target", metavar="NAME",
+                        help="latency_ms budgets: 'host' (default) or a named aarch64 core, e.g. cortex-a76")
+    parser.add_argument("--cost-model", choices=("measure", "model"),
+                        help="latency_ms budgets on the host: time the kernels (measure, default) or model them")
     parser.add_argument("--steps", type=positive_int, help="search steps (default: one pass over the data)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: when stderr is a terminal)")
@@ -66,7 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, report: RunReport) -> None:
     seed = 0 if args.seed is None else args.seed
-    budget = fxquant.Budget.from_dict(dict(args.budget))
+    fields = dict(args.budget)
+    for key, value in (("target", args.target), ("cost_model", args.cost_model)):
+        if value is not None:
+            fields[key] = value
+    budget = fxquant.Budget.from_dict(fields)
     config = QuantConfig()
     if args.config is not None:
         config = load_config_file(args.config)
@@ -91,6 +103,8 @@ def run(args: argparse.Namespace, report: RunReport) -> None:
     report.settings.update(data=data.to_dict())
     report.metrics.update(bits={k: list(v) for k, v in plan.bits.items()},
                           achieved=plan.metadata.get("achieved"), metric=plan.metadata.get("metric"))
+    if "latency" in plan.metadata:
+        report.metrics.update(latency={k: v for k, v in plan.metadata["latency"].items() if k != "ladders"})
     print(f"plan for {len(plan.bits)} layers -> {args.output}")
 
 

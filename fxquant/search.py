@@ -1,11 +1,12 @@
 """The public SDQ mixed-precision search (:func:`search`) and its per-layer report (:func:`search_report`).
 
 :func:`search` prepares a copy of the model with ``"sdq"`` quantizers around the config's quantizer (the
-base, DSQ by default), builds the layer graph, the ties and the cost model, checks that the budget can be
-met at all (before any training), runs the search pass (:mod:`fxquant.passes.sdq_search`) and returns a
-:class:`~fxquant.plan.BitwidthPlan` that satisfies the budget. The plan names every quantized layer,
-including the first and last ones at ``QuantConfig.first_last_bits`` (counted in the cost), so that
-``QuantConfig(plan=plan)`` reproduces it exactly.
+base, DSQ by default), builds the layer graph, the ties and the cost model (for a ``latency_ms`` budget: the
+target's latency table, :func:`latency_table`, and per unit the ladder of bit-widths worth offering), checks
+that the budget can be met at all (before any training), runs the search pass
+(:mod:`fxquant.passes.sdq_search`) and returns a :class:`~fxquant.plan.BitwidthPlan` that satisfies the budget.
+The plan names every quantized layer, including the first and last ones at ``QuantConfig.first_last_bits``
+(counted in the cost), so that ``QuantConfig(plan=plan)`` reproduces it exactly.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from fxquant.budget import Budget
 from fxquant.config import QuantConfig
 from fxquant.errors import BudgetError, ConfigError
 from fxquant.layers import QuantLayer, layer_type_name
-from fxquant.passes.cost_model import layer_costs, plan_cost
+from fxquant.passes.cost_model import LayerCost, layer_costs, plan_cost, with_latency
 from fxquant.passes.insert_quant import quant_layer_nodes
 from fxquant.passes.layer_graph import layer_graph, tie_groups
 from fxquant.passes.sdq_search import (
@@ -37,12 +38,13 @@ from fxquant.passes.sdq_search import (
     search_units,
     sensitivity_scales,
     unit_bits,
+    with_ladders,
 )
 from fxquant.plan import BitwidthPlan
 from fxquant.quantizers.sdq import StochasticBitwidthQuantizer
 from fxquant.weight_link import WeightLink
 
-__all__ = ["search", "search_report", "fixed_bits", "SearchOptions"]
+__all__ = ["search", "search_report", "fixed_bits", "latency_table", "SearchOptions"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -93,6 +95,39 @@ def fixed_bits(gm: fx.GraphModule, config: QuantConfig, budget: Budget) -> tuple
         ):
             act[name] = qlayer.input_quant.bits
     return weight, act
+
+
+def latency_table(
+    gm: fx.GraphModule,
+    budget: Budget,
+    fixed_w: Mapping[str, int],
+    fixed_a: Mapping[str, int],
+    progress: bool = True,
+) -> Any:
+    """The :class:`~fxquant.backends.tvm.latency_table.LatencyTable` of a latency budget's target: every
+    layer at every pair of its candidate weight and activation bits (fixed ones at their bits)."""
+    from fxquant.backends.tvm.latency_table import build_latency_table
+
+    span = range(budget.min_bits, budget.max_bits + 1)
+    pairs = {}
+    for node in quant_layer_nodes(gm):
+        name = str(node.target)
+        ws = [fixed_w[name]] if name in fixed_w else span
+        acts = [fixed_a[name]] if name in fixed_a else span
+        pairs[name] = [(w, a) for w in ws for a in acts]
+    return build_latency_table(gm, pairs, budget.target, budget.cost_model, budget.threads, budget.batch, progress)
+
+
+def _latency_metadata(table: Any, costs: Mapping[str, LayerCost], units: Sequence[Any], w: Mapping[str, int],
+                      a: Mapping[str, int], estimate: float) -> dict[str, Any]:
+    """What a latency plan records: the target and cost-model version, the estimate, the kernels, the ladders."""
+    return {
+        **table.describe(),
+        "estimate_ms": estimate,
+        "layer_ms": {n: costs[n].latency_at(w[n], a[n]) for n in costs},
+        "kernels": {n: table.kernels[n][(w[n], a[n])] for n in costs},
+        "ladders": {u.key: list(u.ladder) for u in units if u.ladder is not None},
+    }
 
 
 def search(
@@ -153,6 +188,11 @@ def search(
     ties = tie_groups(gm, options.ties)
     fixed_w, fixed_a = fixed_bits(gm, config, budget)
     units = search_units(ties, fixed_w, fixed_a)
+    table = None
+    if budget.metric == "latency_ms":
+        table = latency_table(gm, budget, fixed_w, fixed_a, progress)
+        costs = with_latency(costs, table.latency_ms)
+        units = with_ladders(units, costs, budget)
     check_feasible(units, costs, budget)
     attach_dbps(gm, units, budget.max_bits)
 
@@ -166,14 +206,16 @@ def search(
     w, a = layer_bits(units, bits)
     achieved = float(plan_cost(costs, budget.metric, w, a))
     if not budget.met_by(achieved):
-        raise BudgetError(f"internal: the rounded plan has {budget.metric}={achieved:.6g} > {budget.target:.6g}")
+        raise BudgetError(f"internal: the rounded plan has {budget.metric}={achieved:.6g} > {budget.bound:.6g}")
 
     summary = {m: float(plan_cost(costs, m, w, a)) for m in ("avg_weight_bits", "bitops", "size_bytes")}
+    if table is not None:
+        summary["latency_ms"] = achieved
     metadata = {
         "method": "sdq",
         "budget": budget.to_dict(),
         "metric": budget.metric,
-        "target": budget.target,
+        "target": budget.bound,
         "achieved": achieved,
         "costs": summary,
         "layers": {
@@ -194,6 +236,8 @@ def search(
         "interval": result.interval,
         "base_quantizer": _sdq_config(config, budget, options).quantizer_options["base"],
     }
+    if table is not None:
+        metadata["latency"] = _latency_metadata(table, costs, units, w, a, achieved)
     plan = BitwidthPlan({name: (int(w[name]), int(a[name])) for name in costs}, metadata)
     if update_weights:
         link.write_back()

@@ -9,18 +9,23 @@ Per layer and per sample (the batch dimension of the traced shapes is divided ou
   channel when the deployed layer has one (its own bias or a folded batch norm), and the float32 step and
   offset of the input grid. Bit-packing is counted exactly (no padding to bytes per row).
 - ``avg_weight_bits = Σ params·w_bits / Σ params`` over the quantized layers (parameter-weighted).
+- ``latency_ms = Σ T_layer(w_bits, a_bits)``: the layer's row of a latency table on the budget's target
+  (:mod:`fxquant.backends.tvm.latency_table`, attached with :func:`with_latency`), the kernel ``convert`` would
+  choose at those bits.
 
 Layers that are not quantized (excluded by the config) are outside every cost. The same formulas take
 plain numbers or tensors, so :func:`plan_cost` also gives the *expected* cost under the search's
 Differentiable Bitwidth Parameters when it is handed expected bit-widths (:func:`expected_bits`); that
-expectation is exact because a layer's weight and activation choices are sampled independently.
+expectation is exact because a layer's weight and activation choices are sampled independently. Latency is
+not linear in the bits, so :func:`expected_plan_cost` takes each layer's distribution over bit-widths and sums
+``P(w) · P(a) · T(w, a)`` over the pairs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
 import torch
@@ -38,6 +43,10 @@ __all__ = [
     "size_bytes",
     "plan_cost",
     "expected_bits",
+    "expected_plan_cost",
+    "latency_ms",
+    "with_latency",
+    "useful_bits",
     "COST_META",
 ]
 
@@ -45,6 +54,8 @@ COST_META = "fxquant.cost"
 FLOAT_BYTES = 4
 
 Number = TypeVar("Number", float, torch.Tensor)
+#: a layer's bit-width distribution: (bits, probability) pairs
+Distribution = Sequence[tuple[int, Any]]
 
 
 @dataclass(frozen=True)
@@ -56,13 +67,31 @@ class LayerCost:
     macs: int
     params: int
     overhead_bytes: int
+    #: milliseconds per ``(weight bits, activation bits)`` on a latency budget's target (None: no table)
+    latency: Mapping[tuple[int, int], float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.latency is None:
+            del out["latency"]
+        else:
+            out["latency"] = {f"w{w}a{a}": ms for (w, a), ms in sorted(self.latency.items())}
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LayerCost:
-        return cls(**{k: data[k] for k in ("name", "kind", "macs", "params", "overhead_bytes")})
+        latency = data.get("latency")
+        if latency is not None:
+            latency = {tuple(int(v) for v in key[1:].split("a")): float(ms) for key, ms in latency.items()}
+        return cls(**{k: data[k] for k in ("name", "kind", "macs", "params", "overhead_bytes")}, latency=latency)
+
+    def latency_at(self, w_bits: int, a_bits: int) -> float:
+        if self.latency is None:
+            raise ConfigError(f"layer {self.name!r} has no latency table (a latency_ms budget attaches one)")
+        try:
+            return self.latency[(int(w_bits), int(a_bits))]
+        except KeyError:
+            raise ConfigError(f"layer {self.name!r}: the latency table has no entry for w{w_bits}a{a_bits}") from None
 
 
 def _parts(module: nn.Module) -> tuple[nn.Module, bool, bool]:
@@ -141,17 +170,62 @@ def size_bytes(costs: Mapping[str, LayerCost], w_bits: Mapping[str, Number]) -> 
     return sum(c.params * w_bits[n] / 8.0 + c.overhead_bytes for n, c in costs.items())
 
 
+def latency_ms(costs: Mapping[str, LayerCost], w_bits: Mapping[str, int], a_bits: Mapping[str, int]) -> float:
+    return float(sum(c.latency_at(w_bits[n], a_bits[n]) for n, c in costs.items()))
+
+
+_METRIC_COSTS = {
+    "avg_weight_bits": lambda costs, w, a: avg_weight_bits(costs, w),
+    "bitops": bitops,
+    "size_bytes": lambda costs, w, a: size_bytes(costs, w),
+    "latency_ms": latency_ms,
+}
+
+
 def plan_cost(
     costs: Mapping[str, LayerCost], metric: str, w_bits: Mapping[str, Number], a_bits: Mapping[str, Number]
 ) -> Number:
     """The cost named ``metric`` (a :data:`fxquant.budget.METRICS` name) of per-layer bit-widths."""
-    if metric == "avg_weight_bits":
-        return avg_weight_bits(costs, w_bits)
-    if metric == "bitops":
-        return bitops(costs, w_bits, a_bits)
-    if metric == "size_bytes":
-        return size_bytes(costs, w_bits)
-    raise ConfigError(f"unknown cost metric {metric!r}; allowed: avg_weight_bits, bitops, size_bytes")
+    if metric not in _METRIC_COSTS:
+        raise ConfigError(f"unknown cost metric {metric!r}; allowed: {', '.join(_METRIC_COSTS)}")
+    return _METRIC_COSTS[metric](costs, w_bits, a_bits)
+
+
+def expected_plan_cost(
+    costs: Mapping[str, LayerCost], metric: str, w_dist: Mapping[str, Distribution], a_dist: Mapping[str, Distribution]
+) -> Any:
+    """E[cost] when each layer's weight and activation bits are drawn independently from ``w_dist[layer]`` and
+    ``a_dist[layer]`` (differentiable in the probabilities when they are tensors)."""
+    if metric == "latency_ms":
+        return sum(
+            pw * pa * c.latency_at(wb, ab)
+            for n, c in costs.items() for wb, pw in w_dist[n] for ab, pa in a_dist[n]
+        )
+
+    def mean(dist: Distribution) -> Any:
+        return sum(b * p for b, p in dist)
+
+    return plan_cost(costs, metric, {n: mean(d) for n, d in w_dist.items()}, {n: mean(d) for n, d in a_dist.items()})
+
+
+def with_latency(
+    costs: Mapping[str, LayerCost], table: Mapping[str, Mapping[tuple[int, int], float]]
+) -> dict[str, LayerCost]:
+    """``costs`` with each layer's latency row (``table[layer][(w_bits, a_bits)]``, milliseconds) attached."""
+    missing = sorted(set(costs) - set(table))
+    if missing:
+        raise ConfigError(f"the latency table has no row for layer(s) {missing}")
+    return {n: replace(c, latency=dict(table[n])) for n, c in costs.items()}
+
+
+def useful_bits(cost_by_bits: Mapping[int, float]) -> tuple[int, ...]:
+    """The bit-widths worth offering, ascending: from the highest down, a bit-width is kept only if it costs
+    less than the next higher kept one (on a core whose int8 dot product serves 3-8 bits alike, 3-7 go)."""
+    kept: list[int] = []
+    for bits in sorted(cost_by_bits, reverse=True):
+        if not kept or cost_by_bits[bits] < cost_by_bits[kept[-1]]:
+            kept.append(bits)
+    return tuple(reversed(kept))
 
 
 def expected_bits(bits: int, keep_probability: torch.Tensor) -> torch.Tensor:

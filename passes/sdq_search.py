@@ -14,12 +14,15 @@ the paper is silent"):
    under the keep-probabilities (:mod:`~fxquant.passes.cost_model`); model weights and quantizer
    parameters train with SGD (momentum), DBPs with plain SGD at their own rate. At the end of every
    interval, a unit whose keep-probability is below ``threshold`` steps down one bit (down to
-   ``Budget.min_bits``) and its DBP restarts.
+   ``Budget.min_bits``) and its DBP restarts. Under a ``latency_ms`` budget a unit's *ladder* holds only the
+   bit-widths that are cheaper on the target than the next higher one (:func:`with_ladders`), and "one bit
+   down" means the next rung: on a core where 3-7 bits run the same int8 kernel as 8, a unit goes 8 -> 2.
 3. **Sensitivity.** While a unit sits at ``k`` bits, its DBPs record the task-loss gradient reaching their
    relaxed samples, ``∂L/∂z ≈ L(k) − L(k − 1)`` (see :mod:`fxquant.quantizers.sdq`); its mean, summed over
    the unit's members and negated, is the measured loss ``m(k)`` of the step from ``k`` to ``k − 1``.
    Single measurements are noisy (a few steps each, often of either sign), so the rounding uses the
-   noise-power model ``s(k) = A·4^(−k)`` (quantization-noise power grows 4× per bit removed), with ``A``
+   noise-power model ``s(k) = A·4^(−k)`` (quantization-noise power grows 4× per bit removed; a step from
+   ``k`` down to ``l`` costs ``A·(4^(−l) − 4^(−k))/3``, which is ``A·4^(−k)`` for ``l = k − 1``), with ``A``
    fitted to all of the unit's measurements by least squares and floored at 1% of the median positive
    ``A`` of all units (a unit with no measurable loss is the cheapest, but not free).
 4. **Rounding** (:func:`round_to_budget`): deterministic and budget-exact. While the plan is over budget,
@@ -35,7 +38,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,7 +50,7 @@ from tqdm.auto import tqdm
 from fxquant.budget import Budget
 from fxquant.errors import BudgetError, CheckpointError, ConfigError, NumericsError
 from fxquant.output_files import torch_save_atomic
-from fxquant.passes.cost_model import LayerCost, expected_bits, plan_cost
+from fxquant.passes.cost_model import LayerCost, expected_plan_cost, plan_cost, useful_bits
 from fxquant.passes.insert_quant import quant_layer_nodes
 from fxquant.passes.layer_graph import TiePolicy, Ties
 from fxquant.quantizers.base import Quantizer
@@ -58,6 +61,7 @@ __all__ = [
     "Unit",
     "SearchResult",
     "search_units",
+    "with_ladders",
     "attach_dbps",
     "unit_bits",
     "layer_bits",
@@ -139,10 +143,24 @@ class Unit:
     role: UnitRole
     members: tuple[str, ...]
     fixed_bits: int | None = None
+    #: the bit-widths the search may give it, ascending (``None``: every one from min_bits to max_bits)
+    ladder: tuple[int, ...] | None = None
 
     @property
     def searched(self) -> bool:
         return self.fixed_bits is None
+
+    def rungs(self, budget: Budget) -> tuple[int, ...]:
+        if self.ladder is not None:
+            return self.ladder
+        return tuple(range(budget.min_bits, budget.max_bits + 1))
+
+    def below(self, bits: int, budget: Budget) -> int | None:
+        """The next bit-width down the ladder (None at the bottom)."""
+        return max((b for b in self.rungs(budget) if b < bits), default=None)
+
+    def above(self, bits: int, budget: Budget) -> int | None:
+        return min((b for b in self.rungs(budget) if b > bits), default=None)
 
 
 @dataclass(frozen=True)
@@ -185,6 +203,35 @@ def search_units(
     return tuple(units)
 
 
+def with_ladders(units: Sequence[Unit], costs: Mapping[str, LayerCost], budget: Budget) -> tuple[Unit, ...]:
+    """Searched units with the bit-widths worth offering under a ``latency_ms`` budget (others unchanged).
+
+    A unit's cost at ``b`` is the sum of its members' latencies with the other role at one of its candidate
+    bit-widths (fixed ones at their bits); ``b`` is kept when :func:`useful_bits` keeps it for any of those
+    (exactly the ladder of the unit's own cost when the other role is fixed). ``max_bits`` is always kept.
+    """
+    if budget.metric != "latency_ms":
+        return tuple(units)
+    fixed = {(u.role, m): u.fixed_bits for u in units if not u.searched for m in u.members}
+    candidates = range(budget.min_bits, budget.max_bits + 1)
+    out = []
+    for unit in units:
+        if not unit.searched:
+            out.append(unit)
+            continue
+        other = "activation" if unit.role == "weight" else "weight"
+        kept = {budget.max_bits}
+        for o in candidates:
+            unit_cost = {b: 0.0 for b in candidates}
+            for m in unit.members:
+                ob = fixed.get((other, m)) or o
+                for b in candidates:
+                    unit_cost[b] += costs[m].latency_at(*((b, ob) if unit.role == "weight" else (ob, b)))
+            kept.update(useful_bits(unit_cost))
+        out.append(replace(unit, ladder=tuple(sorted(kept))))
+    return tuple(out)
+
+
 def attach_dbps(gm: fx.GraphModule, units: Sequence[Unit], start_bits: int) -> None:
     """Set every quantizer to its unit's starting bits, share one DBP per searched unit, freeze fixed ones.
 
@@ -201,6 +248,8 @@ def attach_dbps(gm: fx.GraphModule, units: Sequence[Unit], start_bits: int) -> N
                 q.initialized.fill_(False)
             if isinstance(q, StochasticBitwidthQuantizer):
                 q.active.fill_(unit.searched and bits > q.floor)
+                if unit.searched and unit.ladder is not None:
+                    q.set_ladder(unit.ladder)
         if unit.searched:
             if not all(isinstance(q, StochasticBitwidthQuantizer) for q in quantizers):
                 raise ConfigError(f"{unit.key}: a searched unit needs 'sdq' quantizers")
@@ -238,22 +287,28 @@ def layer_bits(units: Sequence[Unit], bits: Mapping[str, Any]) -> tuple[dict[str
 def expected_cost(
     gm: fx.GraphModule, units: Sequence[Unit], costs: Mapping[str, LayerCost], metric: str
 ) -> torch.Tensor:
-    """E[cost] under the current keep-probabilities (differentiable in the DBPs)."""
+    """E[cost] under the current keep-probabilities (differentiable in the DBPs): each searched unit is at its
+    bits with probability ``p`` and at the next bit-width down otherwise, independently of the others."""
     values: dict[str, Any] = {}
     for unit in units:
         if unit.searched:
             q = _lead(gm, unit)
-            values[unit.key] = expected_bits(q.bits, q.keep_probability()) if q.stochastic else float(q.bits)
+            if q.stochastic:
+                p = q.keep_probability()
+                values[unit.key] = ((q.bits, p), (q.lower_bits, 1.0 - p))
+            else:
+                values[unit.key] = ((q.bits, 1.0),)
         else:
-            values[unit.key] = float(unit.fixed_bits)
+            values[unit.key] = ((unit.fixed_bits, 1.0),)
     w, a = layer_bits(units, values)
-    cost = plan_cost(costs, metric, w, a)
+    cost = expected_plan_cost(costs, metric, w, a)
     return cost if isinstance(cost, torch.Tensor) else torch.tensor(float(cost))
 
 
 def minimum_cost(units: Sequence[Unit], costs: Mapping[str, LayerCost], budget: Budget) -> float:
-    """The cost with every searched unit at ``Budget.min_bits`` (fixed units at their bits)."""
-    bits = {u.key: (u.fixed_bits if u.fixed_bits is not None else budget.min_bits) for u in units}
+    """The cost with every searched unit at the bottom of its ladder (``Budget.min_bits`` unless the latency
+    table dropped it) and fixed units at their bits."""
+    bits = {u.key: (u.fixed_bits if u.fixed_bits is not None else u.rungs(budget)[0]) for u in units}
     w, a = layer_bits(units, bits)
     return float(plan_cost(costs, budget.metric, w, a))
 
@@ -264,8 +319,8 @@ def check_feasible(units: Sequence[Unit], costs: Mapping[str, LayerCost], budget
     if not budget.met_by(lowest):
         fixed = sorted({f"{m}={u.fixed_bits}" for u in units if not u.searched for m in u.members})
         raise BudgetError(
-            f"budget {budget.metric}={budget.target:.6g} cannot be met: the minimum achievable {budget.metric} is "
-            f"{lowest:.6g} (every searched layer at min_bits={budget.min_bits}"
+            f"budget {budget.metric}={budget.bound:.6g} cannot be met: the minimum achievable {budget.metric} is "
+            f"{lowest:.6g} (every searched layer at its lowest bit-width, min_bits={budget.min_bits}"
             + (f"; fixed: {', '.join(fixed)})" if fixed else ")")
         )
 
@@ -273,14 +328,26 @@ def check_feasible(units: Sequence[Unit], costs: Mapping[str, LayerCost], budget
 # -- rounding ---------------------------------------------------------------------------------------------
 
 
-def sensitivity_scales(sensitivity: Mapping[str, Mapping[int, float]], keys: Iterable[str]) -> dict[str, float]:
+def step_noise(high: int, low: int) -> float:
+    """``(4^(−low) − 4^(−high))/3``: the noise-power model's loss of a step from ``high`` to ``low`` bits per
+    unit of ``A`` (``4^(−high)`` for one bit)."""
+    return (4.0 ** (-low) - 4.0 ** (-high)) / 3.0
+
+
+def sensitivity_scales(
+    sensitivity: Mapping[str, Mapping[int, float]],
+    keys: Iterable[str],
+    lower: Callable[[str, int], int] | None = None,
+) -> dict[str, float]:
     """``A`` of ``s(k) = A·4^(−k)`` per unit: the least-squares fit to its measurements, floored at 1% of the
-    median positive fit (or 1 for every unit when nothing positive was measured)."""
+    median positive fit (or 1 for every unit when nothing positive was measured). ``lower(key, k)`` is the
+    bit-width the measurement at ``k`` stepped to (default ``k − 1``)."""
     fitted: dict[str, float | None] = {}
     for key in keys:
         points = sensitivity.get(key, {})
-        den = sum(4.0 ** (-2 * k) for k in points)
-        fitted[key] = sum(m * 4.0 ** (-k) for k, m in points.items()) / den if den else None
+        basis = {k: step_noise(k, lower(key, k) if lower is not None else k - 1) for k in points}
+        den = sum(f * f for f in basis.values())
+        fitted[key] = sum(m * basis[k] for k, m in points.items()) / den if den else None
     positive = sorted(a for a in fitted.values() if a is not None and a > 0)
     if not positive:
         return {key: 1.0 for key in fitted}
@@ -304,10 +371,17 @@ def round_to_budget(
     """
     out = dict(bits)
     searched = [u for u in units if u.searched]
-    scale = sensitivity_scales(sensitivity, [u.key for u in searched])
+    by_key = {u.key: u for u in searched}
+
+    def below(key: str, k: int) -> int:
+        low = by_key[key].below(k, budget)
+        return low if low is not None else k - 1
+
+    scale = sensitivity_scales(sensitivity, [u.key for u in searched], below)
 
     def step_loss(key: str, k: int) -> float:
-        return scale[key] * 4.0 ** (-k)
+        """Modelled loss of the step from ``k`` down the unit's ladder."""
+        return scale[key] * step_noise(k, below(key, k))
 
     def cost_of(state: Mapping[str, int]) -> float:
         w, a = layer_bits(units, state)
@@ -317,9 +391,10 @@ def round_to_budget(
     while not budget.met_by(current):
         best: tuple[float, float, str] | None = None
         for u in searched:
-            if out[u.key] <= budget.min_bits:
+            low = u.below(out[u.key], budget)
+            if low is None:
                 continue
-            trial = cost_of({**out, u.key: out[u.key] - 1})
+            trial = cost_of({**out, u.key: low})
             saved = current - trial
             if saved <= 0:
                 continue
@@ -327,25 +402,26 @@ def round_to_budget(
             if best is None or (score, -saved, u.key) < best:
                 best = (score, -saved, u.key)
         if best is None:
-            raise BudgetError(f"cannot lower any layer further; {budget.metric}={current:.6g} > {budget.target:.6g}")
-        out[best[2]] -= 1
+            raise BudgetError(f"cannot lower any layer further; {budget.metric}={current:.6g} > {budget.bound:.6g}")
+        out[best[2]] = by_key[best[2]].below(out[best[2]], budget)
         current = cost_of(out)
     while fill:
         pick: tuple[float, str] | None = None
         for u in searched:
-            if out[u.key] >= budget.max_bits:
+            high = u.above(out[u.key], budget)
+            if high is None:
                 continue
-            trial = cost_of({**out, u.key: out[u.key] + 1})
+            trial = cost_of({**out, u.key: high})
             if not budget.met_by(trial):
                 continue
             added = trial - current
-            gain = step_loss(u.key, out[u.key] + 1)
+            gain = step_loss(u.key, high)
             score = math.inf if added <= 0 else gain / added
             if pick is None or score > pick[0] or (score == pick[0] and u.key < pick[1]):
                 pick = (score, u.key)
         if pick is None:
             break
-        out[pick[1]] += 1
+        out[pick[1]] = by_key[pick[1]].above(out[pick[1]], budget)
         current = cost_of(out)
     return out
 
@@ -453,7 +529,8 @@ def _step_down(gm: fx.GraphModule, units: Sequence[Unit], threshold: float) -> d
 
 def _fingerprint(units: Sequence[Unit], budget: Budget, options: SearchOptions, steps: int, interval: int) -> dict:
     return {
-        "units": [[u.key, u.role, list(u.members), u.fixed_bits] for u in units],
+        "units": [[u.key, u.role, list(u.members), u.fixed_bits] + ([list(u.ladder)] if u.ladder else [])
+                  for u in units],
         "budget": budget.to_dict(),
         "options": {k: v for k, v in options.to_dict().items() if k != "checkpoint_every"},
         "steps": steps,
@@ -550,7 +627,7 @@ def run_search(
             "rng": torch.get_rng_state(),
         })
 
-    target = budget.target
+    target = budget.bound
     bar = tqdm(total=steps, initial=start, desc="SDQ search", disable=not progress, leave=False, dynamic_ncols=True)
     for step in range(start, steps):
         x, y = batches.next()
@@ -566,11 +643,11 @@ def run_search(
         optimizer.step()
         lowered: dict[str, tuple[float, float]] = {}
         if (step + 1) % interval == 0:
+            bits_left = unit_bits(gm, units)
             lowered = _step_down(gm, units, options.threshold)
-            bits_now = unit_bits(gm, units)
             for key, (p, sens) in lowered.items():
-                keep[key][bits_now[key] + 1] = p
-                history[key][bits_now[key] + 1] = sens
+                keep[key][bits_left[key]] = p
+                history[key][bits_left[key]] = sens
         if (step + 1) % every == 0 or step + 1 == steps:
             save(step + 1)
         info = {"loss": float(task.detach()), "cost_ratio": float(ratio.detach()), "lowered": float(len(lowered))}

@@ -52,7 +52,7 @@ def _independent_cost(model, plan: fxquant.BitwidthPlan, metric: str) -> float:
 
 def test_budget_needs_exactly_one_valid_bound():
     assert Budget(avg_weight_bits=3).metric == "avg_weight_bits"
-    assert Budget(bitops=1e6).target == 1e6
+    assert Budget(bitops=1e6).bound == 1e6
     with pytest.raises(ConfigError, match="exactly one"):
         Budget()
     with pytest.raises(ConfigError, match="exactly one"):

@@ -24,6 +24,7 @@ from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry, conv_geom
 from fxquant.backends.tvm.kernels.dot import KERNEL_VERSION as DOT_VERSION
 from fxquant.backends.tvm.kernels.dot import chain_plan, dense_as_conv, dot_conv2d, dot_dense, select_dot_isa
 from fxquant.backends.tvm.selection import (
+    KernelChoice,
     bitserial_problem,
     choose_kernel,
     dot_problem,
@@ -34,7 +35,7 @@ from fxquant.backends.tvm.selection import (
 from fxquant.errors import BackendError
 from fxquant.integer import IntegerConv2d, IntegerLayer, IntegerLinear
 
-__all__ = ["MODULE_CONVERTERS", "integer_layer_problem", "padded_thresholds"]
+__all__ = ["MODULE_CONVERTERS", "integer_layer_problem", "padded_thresholds", "layer_geometry", "choose_layer_kernel"]
 
 INT32_MAX = 2**31 - 1
 
@@ -157,29 +158,40 @@ def _candidates(
     return plans, declined
 
 
+def layer_geometry(layer: IntegerLayer, shape: tuple[int, ...]) -> ConvGeometry | DenseGeometry:
+    """The kernel geometry of ``layer`` on an input of static ``shape``."""
+    if isinstance(layer, IntegerConv2d):
+        if len(shape) < 2 or shape[1] != layer.input_channels:
+            raise BackendError(f"layer {layer.name}: expects {layer.input_channels} input channels, got shape {shape}")
+        return conv_geometry(
+            shape, tuple(layer.weight_int.shape), layer.stride, layer.padding, layer.dilation, layer.groups, layer.name
+        )
+    if len(shape) != 2 or shape[1] != layer.input_channels:
+        raise BackendError(f"layer {layer.name}: expects a (N, {layer.input_channels}) input, got shape {shape}")
+    return DenseGeometry(shape[0], shape[1], int(layer.weight_int.shape[0]))
+
+
+def choose_layer_kernel(
+    ctx: LoweringContext, layer: IntegerLayer, geom: ConvGeometry | DenseGeometry, shape: tuple[int, ...], name: str
+) -> KernelChoice:
+    """The kernel ``convert`` gives this layer under ``ctx``'s options and cost model (also what the latency
+    table of a bit-width search prices, so that both agree)."""
+    plans, declined = _candidates(ctx, layer, geom, shape)
+    forced = forced_kernel(ctx.options.kernel, name)
+    prior = ctx.prior.cost_us if ctx.prior is not None else None
+    return choose_kernel(name, plans, declined, forced, lambda plan: ctx.cost.cost_us(plan, layer, geom),
+                         ctx.cost.name, None if prior is None else lambda plan: prior(plan, layer, geom))
+
+
 def _emit_integer_layer(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
     layer = ctx.module(node)
     assert isinstance(layer, IntegerLayer)
     x = ctx.value(node.args[0])
     shape = ctx.shape(x)
-    geom: ConvGeometry | DenseGeometry
-    if isinstance(layer, IntegerConv2d):
-        geom = conv_geometry(
-            shape, tuple(layer.weight_int.shape), layer.stride, layer.padding, layer.dilation, layer.groups, layer.name
-        )
-        if shape[1] != layer.input_channels:
-            raise BackendError(f"layer {layer.name}: expects {layer.input_channels} input channels, got shape {shape}")
-    else:
-        if len(shape) != 2 or shape[1] != layer.input_channels:
-            raise BackendError(f"layer {layer.name}: expects a (N, {layer.input_channels}) input, got shape {shape}")
-        geom = DenseGeometry(shape[0], shape[1], int(layer.weight_int.shape[0]))
+    geom = layer_geometry(layer, shape)
     values = _quantize(ctx, layer, x)
     name = layer.name or node.name
-    plans, declined = _candidates(ctx, layer, geom, shape)
-    forced = forced_kernel(ctx.options.kernel, name)
-    prior = ctx.prior.cost_us if ctx.prior is not None else None
-    choice = choose_kernel(name, plans, declined, forced, lambda plan: ctx.cost.cost_us(plan, layer, geom),
-                           ctx.cost.name, None if prior is None else lambda plan: prior(plan, layer, geom))
+    choice = choose_layer_kernel(ctx, layer, geom, shape, name)
     plan = choice.plan
     assert plan is not None
     func, packed = plan.build()

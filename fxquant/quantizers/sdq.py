@@ -77,6 +77,9 @@ class StochasticBitwidthQuantizer(Quantizer):
         self.register_buffer("task_grad_count", torch.zeros((), dtype=torch.int64))
         #: a U(0, 1) draw set by the search for every member of a tie group; ``None`` draws privately
         self.noise: torch.Tensor | None = None
+        #: the bit-widths this quantizer may take, ascending (set by a search that drops bit-widths the target
+        #: cannot exploit); ``None``: every bit-width from ``min_bits`` up. The lower choice is the next one down.
+        self.ladder: tuple[int, ...] | None = None
 
     @classmethod
     def validate_options(cls, options: dict[str, Any]) -> None:
@@ -105,8 +108,23 @@ class StochasticBitwidthQuantizer(Quantizer):
         return self.base.uniform
 
     @property
+    def lower_bits(self) -> int:
+        """The other choice: ``bits − 1``, or the next bit-width down the :attr:`ladder`."""
+        if self.ladder is None:
+            return self.bits - 1
+        return max((b for b in self.ladder if b < self.bits), default=self.bits - 1)
+
+    def set_ladder(self, ladder: tuple[int, ...]) -> None:
+        """Offer only ``ladder`` (ascending, containing the current bits); its lowest entry is the floor."""
+        if self.bits not in ladder or list(ladder) != sorted(set(ladder)):
+            raise ConfigError(f"ladder {ladder} must be ascending and contain the current bits={self.bits}")
+        self.ladder = tuple(int(b) for b in ladder)
+        self.floor = self.ladder[0]
+        self.active.fill_(bool(self.active) and self.bits > self.floor)
+
+    @property
     def stochastic(self) -> bool:
-        """Whether training forwards still choose between ``bits`` and ``bits − 1``."""
+        """Whether training forwards still choose between ``bits`` and :attr:`lower_bits`."""
         return bool(self.active) and self.bits > self.floor
 
     def keep_probability(self) -> torch.Tensor:
@@ -129,10 +147,10 @@ class StochasticBitwidthQuantizer(Quantizer):
         self.base.bits = int(bits)
 
     def step_down(self) -> None:
-        """``b ← b − 1``; the DBP restarts at its initial logit and the range is refitted at the next forward."""
+        """``b ← lower_bits``; the DBP restarts at its initial logit and the range is refitted at the next forward."""
         if self.bits <= self.floor:
             raise ConfigError(f"cannot step below min_bits={self.floor}")
-        self.set_bits(self.bits - 1)
+        self.set_bits(self.lower_bits)
         with torch.no_grad():
             self.logit.fill_(self.init_logit)
         self.task_grad_sum.zero_()
@@ -158,7 +176,7 @@ class StochasticBitwidthQuantizer(Quantizer):
         high = self.base.soft_forward(x)
         if not self.stochastic:
             return high
-        low = self._at_bits(self.bits - 1, self.base.soft_forward, x)
+        low = self._at_bits(self.lower_bits, self.base.soft_forward, x)
         hard, relaxed = gumbel_sigmoid(self.logit, self.temperature, self.noise)
         if relaxed.requires_grad:
             relaxed.register_hook(self._record_task_grad)
@@ -182,5 +200,5 @@ class StochasticBitwidthQuantizer(Quantizer):
 
     def extra_repr(self) -> str:
         p = float(torch.sigmoid(self.logit.detach()))
-        choice = f"bits={self.bits}|{self.bits - 1}, p_keep={p:.3f}" if self.stochastic else f"bits={self.bits}"
+        choice = f"bits={self.bits}|{self.lower_bits}, p_keep={p:.3f}" if self.stochastic else f"bits={self.bits}"
         return f"{choice}, role={self.role}, base={self.options['base']}"

@@ -238,6 +238,18 @@ def test_budget_that_cannot_be_met(workdir: Path, capsys) -> None:
     failed_report(Path("plan.json.report.json"), "BudgetError")
 
 
+@needs_fashion_mnist
+def test_latency_budget_that_cannot_be_met_names_the_lowest_latency(workdir: Path, capsys) -> None:
+    code, err = run(capsys, "search", "--model", SPEC.target, "--budget", "latency_ms=1e-6", "--target", "host",
+                    "--cost-model", "model", "--train-subset", "16", "--batch-size", "16", "-o", "plan.json")
+    assert code == 1
+    assert re.search(r"budget latency_ms=1e-06 cannot be met: the minimum achievable latency_ms is [\d.]+", err)
+    assert not Path("plan.json").exists()
+    code, err = run(capsys, "search", "--model", SPEC.target, "--budget", "latency_ms=1", "--target", "cortex-x9",
+                    "--train-subset", "16", "-o", "plan.json")
+    assert code != 0 and "Budget.target='cortex-x9' is invalid" in err
+
+
 class CumsumNet(nn.Module):
     """A conv, then an op the TVM backends do not lower (cumsum), then a linear head."""
 
