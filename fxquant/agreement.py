@@ -169,6 +169,7 @@ def reestimate_bn(model: nn.Module, batches: Batches, max_batches: int | None = 
     updated: set[int] = set()
     modes = {m: m.training for m in model.modules()}
     momenta = {bn: bn.momentum for bn in norms}
+    tracked = {bn: bn.num_batches_tracked.clone() for bn in norms}  # these forwards are not training steps
     try:
         model.train()
         for m in model.modules():
@@ -184,6 +185,7 @@ def reestimate_bn(model: nn.Module, batches: Batches, max_batches: int | None = 
     finally:
         for bn, momentum in momenta.items():
             bn.momentum = momentum
+            bn.num_batches_tracked.copy_(tracked[bn])
         for m, training in modes.items():
             m.training = training
     return len(updated)
