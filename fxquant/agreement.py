@@ -197,6 +197,9 @@ def ensure_agreement(
 ) -> AgreementReport:
     """Check agreement; when it fails, re-estimate batch-norm statistics on ``batches`` and check again.
 
+    The new statistics are kept only if they narrow the gap without lowering eval accuracy on the checked
+    batches; otherwise the first report is returned (``reestimated`` False) and the model is unchanged.
+
     Call it after QAT (``fxquant train`` and :class:`~fxquant.trainer.QATTrainer` do at the end of their
     schedule). A report that still fails means eval accuracy differs from what training showed: do not ship.
     """
@@ -204,7 +207,16 @@ def ensure_agreement(
     first = check_agreement(model, batches, tolerance, check_batches)
     if first.passed or not _batch_norms(model):
         return first
+    kept = {bn: (bn.running_mean.clone(), bn.running_var.clone()) for bn in _batch_norms(model)}
     reestimate_bn(model, batches, reestimate_batches)
     second = check_agreement(model, batches, tolerance, check_batches)
-    return AgreementReport(second.samples, second.train_accuracy, second.eval_accuracy, second.disagreement,
-                           second.tolerance, reestimated=True, gap_before=first.gap)
+    if second.gap < first.gap and second.eval_accuracy >= first.eval_accuracy:
+        return AgreementReport(second.samples, second.train_accuracy, second.eval_accuracy, second.disagreement,
+                               second.tolerance, reestimated=True, gap_before=first.gap)
+    # at 2+ bits a learned clip range is in folded-weight units, so new statistics also change the quantized
+    # weights: keep them only when they help, on the checked batches
+    with torch.no_grad():
+        for bn, (mean, var) in kept.items():
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+    return first
