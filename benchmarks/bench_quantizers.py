@@ -11,7 +11,10 @@ Every method trains ResNet-8 (``fxquant.models.resnet_small``) on Fashion-MNIST 
 Quantized layers run at the row's bits; the first conv and the last linear layer stay at 8 bits
 (``QuantConfig.first_last_bits``), per-channel weights, QAT batch-norm folding. Schedules (QN temperature)
 advance with ``fxquant.update_schedules`` after every step. fxquant accuracy is measured in eval mode, i.e. with
-the integer arithmetic of ``convert(backend="torch")`` (checked equal on one test batch per run). The peer is
+the integer arithmetic of ``convert(backend="torch")`` (checked equal on one test batch per run), after the
+end-of-training check of :func:`fxquant.agreement.ensure_agreement` (batch-norm statistics re-estimated on
+training batches when training-mode and eval-mode accuracy differ); the training-mode accuracy on the test
+set is recorded next to it (``train_mode_accuracy``). The peer is
 ``torch.ao.quantization.quantize_fx.prepare_qat_fx`` with ``FakeQuantize`` at the same bits (weights: per-channel
 symmetric ``[-2^(b-1), 2^(b-1)-1]``, moving-average min/max; activations: per-tensor affine ``[0, 2^b-1]``),
 first/last layers at 8 bits, evaluated as fake-quantized float with observers frozen.
@@ -41,6 +44,7 @@ import torch
 from torch import nn
 
 import fxquant
+from fxquant.agreement import check_agreement, ensure_agreement
 from fxquant.data import TensorBatches, fashion_mnist_loaders
 from fxquant.models import resnet_small
 from fxquant.quantizers.base import Quantizer
@@ -169,7 +173,9 @@ def run(s: BenchSettings, out_dir: Path, progress: bool) -> dict[str, Any]:
     def record(method: str, bits: int | None, acc: float, seconds: list[float], **extra: Any) -> None:
         rows.append({"method": method, "bits": bits, "accuracy": acc, "epochs": len(seconds),
                      "seconds_per_epoch": sum(seconds) / max(len(seconds), 1), **extra})
-        print(f"{method} {'' if bits is None else f'W{bits}A{bits}'}: {acc:.2f}%", flush=True)
+        detail = "".join(f", {k} {extra[k]}" for k in ("accuracy_before_check", "train_mode_accuracy", "bn_reestimated")
+                         if k in extra)
+        print(f"{method} {'' if bits is None else f'W{bits}A{bits}'}: {acc:.2f}%{detail}", flush=True)
 
     model = copy.deepcopy(pretrained)
     seconds = _train(model, train, s, s.epochs, s.lr, "float", progress)
@@ -185,10 +191,16 @@ def run(s: BenchSettings, out_dir: Path, progress: bool) -> dict[str, Any]:
             init_acc = evaluate(qmodel, test)
             seconds = _train(qmodel, train, s, s.epochs, s.lr, f"{scheme} W{bits}A{bits}", progress,
                              on_progress=lambda p, m=qmodel: fxquant.update_schedules(m, p))
-            acc = evaluate(qmodel, test)
+            acc_trained = evaluate(qmodel, test)
+            # the end-of-training check (batch norm re-estimated on training batches when it fails), then both
+            # modes on the whole test set: the eval-mode number is the model's accuracy
+            check = ensure_agreement(qmodel, train)
+            final = check_agreement(qmodel, test, max_batches=None)
             with torch.no_grad():
                 matches = bool(torch.equal(qmodel.eval()(example), fxquant.convert(qmodel, backend="torch")(example)))
-            record(scheme, bits, acc, seconds, accuracy_at_init=init_acc, frozen_matches_prepared=matches)
+            record(scheme, bits, final.eval_accuracy, seconds, accuracy_at_init=init_acc,
+                   accuracy_before_check=acc_trained, train_mode_accuracy=final.train_accuracy,
+                   bn_reestimated=check.reestimated, frozen_matches_prepared=matches)
 
     if s.torch_ao:
         for bits in s.bits:

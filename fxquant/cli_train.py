@@ -3,17 +3,22 @@
     fxquant train prepared.ckpt -o trained.ckpt --epochs 2 --steps 200   # stops after 200 steps
     fxquant train trained.ckpt -o trained2.ckpt                          # continues the same schedule
 
-A resumed run keeps the settings it started with (data, epochs, batch size, subset, lr, seed); ``--restart``
-starts a new schedule from the checkpoint's weights instead.
+A resumed run keeps the settings it started with (data, epochs, batch size, subset, lr, seed, agreement
+tolerance); ``--restart`` starts a new schedule from the checkpoint's weights instead. At the end of the
+schedule training-mode and eval-mode accuracy are compared on training batches (batch norm re-estimated with
+the quantized model when they differ by more than the tolerance); the result is in the report, and a gap that
+remains is a warning on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
+from fxquant.agreement import DEFAULT_TOLERANCE
 from fxquant.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from fxquant.cli_common import (
     PipelineCommand,
@@ -36,7 +41,7 @@ from fxquant.trainer import QATTrainer, TrainSettings
 __all__ = ["COMMAND"]
 
 #: the options that fix a run (TrainSettings fields of the same name)
-_RUN_OPTIONS = ("data", "epochs", "batch_size", "train_subset", "lr", "seed")
+_RUN_OPTIONS = ("data", "epochs", "batch_size", "train_subset", "lr", "seed", "agreement_tolerance")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--steps", type=positive_int, help="stop after this many steps (resume later)")
     group.add_argument("--restart", action="store_true", help="ignore the checkpoint's training state")
     group.add_argument("--no-eval", action="store_true", help="skip the test-set accuracy")
+    group.add_argument("--agreement-tolerance", type=non_negative_float,
+                       help="largest training-mode vs eval-mode accuracy gap (points) accepted at the end of the "
+                            f"schedule; batch norm is re-estimated when it is exceeded (default {DEFAULT_TOLERANCE})")
     group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bars (default: when stderr is a terminal)")
     add_trust_arguments(parser)
@@ -102,6 +110,10 @@ def run(args: argparse.Namespace, report: RunReport) -> None:
         steps_run=trainer.global_step - start, global_step=trainer.global_step, total_steps=trainer.total_steps,
         epoch=trainer.epoch, finished=trainer.finished, train_loss=losses[-1], train_losses=losses,
     )
+    if trainer.agreement is not None:
+        report.metrics["train_eval_agreement"] = trainer.agreement.to_dict()
+        if not trainer.agreement.passed:
+            print(f"warning: {trainer.agreement.summary()}: eval accuracy differs from training", file=sys.stderr)
     if not args.no_eval:
         with report.phase("eval"):
             report.metrics["test_accuracy"] = evaluate(qmodel, test)

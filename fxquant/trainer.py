@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from fxquant.agreement import DEFAULT_TOLERANCE, AgreementReport, ensure_agreement
 from fxquant.api import update_schedules
 from fxquant.data import TensorBatches
 from fxquant.errors import CheckpointError, ConfigError
@@ -35,6 +36,9 @@ class TrainSettings:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
+    # -- low-bit practice (issue 17) --
+    #: end-of-schedule train/eval accuracy check in points (None: skipped); see :mod:`fxquant.agreement`
+    agreement_tolerance: float | None = DEFAULT_TOLERANCE
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -45,6 +49,9 @@ class TrainSettings:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"{name}={value!r} is invalid: expected a non-negative number")
+        tol = self.agreement_tolerance
+        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 100):
+            raise ConfigError(f"agreement_tolerance={tol!r} is invalid: expected accuracy points in [0, 100] or None")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,6 +103,8 @@ class QATTrainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.epoch_rng_state = loader.generator.get_state()
+        #: the end-of-schedule train/eval check (set when a run finishes the schedule)
+        self.agreement: AgreementReport | None = None
 
     @property
     def global_step(self) -> int:
@@ -128,7 +137,20 @@ class QATTrainer:
             if self.step_in_epoch == self.steps_per_epoch:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
                 self.epoch_rng_state = self.loader.generator.get_state()  # the shuffle of the next epoch starts here
+        if self.finished and losses and self.settings.agreement_tolerance is not None:
+            self.agreement = self.check_agreement()
         return losses
+
+    def check_agreement(self) -> AgreementReport:
+        """Training-mode vs eval-mode accuracy on training batches, batch norm re-estimated if they differ.
+
+        Runs on the next epoch's shuffle without consuming it: the loader's RNG is restored afterwards.
+        """
+        state = self.loader.generator.get_state()
+        try:
+            return ensure_agreement(self.model, self.loader, self.settings.agreement_tolerance or 0.0)
+        finally:
+            self.loader.generator.set_state(state)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -25,6 +25,7 @@ def freeze_layer(qlayer: QuantLayer, name: str = "") -> IntegerLayer:
     with torch.no_grad():
         weight, bias = qlayer.folded_weight_bias()
         wq, aq = qlayer.weight_quant, qlayer.input_quant
+        wq.track_weight(weight)
         w_grid, a_grid = wq.grid(), aq.grid()
         codes = wq.codes(weight)
         weight_int, weight_scale = wq.integer_weight(codes)

@@ -13,6 +13,7 @@ from dataclasses import asdict
 from torch import fx, nn
 
 from fxquant.config import LayerQuantSpec, QuantConfig
+from fxquant.errors import ConfigError
 from fxquant.layers import QUANTIZABLE_TYPES, FusedBn, QuantLayer, layer_type_name
 from fxquant.quantizers.registry import get_quantizer
 
@@ -76,12 +77,12 @@ def insert_quantizers(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule
         scheme = get_quantizer(spec.quantizer)
         channels = layer.weight.shape[0] if spec.per_channel else None
         options = dict(config.quantizer_options) if spec.quantizer == config.quantizer else {}
-        qlayer = QuantLayer(
-            layer,
-            weight_quant=scheme(spec.weight_bits, "weight", channels, options),
-            input_quant=scheme(spec.act_bits, "activation", None, options),
-            bn=bn,
-        )
+        try:
+            weight_quant = scheme(spec.weight_bits, "weight", channels, options)
+            input_quant = scheme(spec.act_bits, "activation", None, options)
+        except ConfigError as error:
+            raise ConfigError(f"layer {name!r}: {error}") from error
+        qlayer = QuantLayer(layer, weight_quant=weight_quant, input_quant=input_quant, bn=bn)
         parent, _, attr = name.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, attr, qlayer)
         with gm.graph.inserting_before(node):

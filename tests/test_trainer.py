@@ -41,10 +41,11 @@ def test_resumed_run_equals_the_uninterrupted_one(prepared, stop_after: int) -> 
     straight = trainer_for(prepared)
     straight.run()
     assert (straight.global_step, straight.epoch, straight.finished) == (6, 2, True)
+    assert straight.agreement is not None and straight.agreement.samples > 0  # the end-of-schedule check ran
 
     first = trainer_for(prepared)
     first.run(max_steps=stop_after)
-    assert (first.global_step, first.finished) == (stop_after, False)
+    assert (first.global_step, first.finished) == (stop_after, False) and first.agreement is None
     saved = Checkpoint.from_prepared(first.model, (3, 8, 8), training=first.state_dict()).to_bytes()
     torch.manual_seed(999)  # a new process starts from some other RNG state
 
@@ -75,7 +76,8 @@ def test_state_from_other_settings_is_refused(prepared) -> None:
         other.load_state_dict(trainer.state_dict())
 
 
-@pytest.mark.parametrize("bad", [{"epochs": 0}, {"batch_size": -1}, {"lr": -0.1}, {"epochs": 1.5}])
+@pytest.mark.parametrize("bad", [{"epochs": 0}, {"batch_size": -1}, {"lr": -0.1}, {"epochs": 1.5},
+                                 {"agreement_tolerance": -1.0}])
 def test_invalid_settings_name_the_option(bad) -> None:
     with pytest.raises(fxquant.ConfigError, match=f"{next(iter(bad))}=.* is invalid"):
         TrainSettings(**bad)

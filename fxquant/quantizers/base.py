@@ -20,9 +20,14 @@ from fxquant.quantizers.grid import QuantGrid, channel_view, uniform_codes
 
 __all__ = [
     "Quantizer", "Role", "search_clip_range", "elementwise_blocks", "split_blocks", "block_scratch", "BLOCK_ELEMENTS",
+    "BINARY_SCALES", "mean_abs_scale",
 ]
 
 Role = Literal["weight", "activation"]
+
+#: how a 1-bit weight quantizer scales ``±1``: ``"mean"`` recomputes ``mean|w|`` per channel of the weight it
+#: quantizes (XNOR-Net), ``"learned"`` keeps the scheme's own learned scale
+BINARY_SCALES = ("mean", "learned")
 
 #: elements per block of a fused quantizer pass: its few temporaries (512 KiB each in float32) stay in cache
 BLOCK_ELEMENTS = 1 << 17
@@ -66,6 +71,13 @@ def block_scratch(rows: int, numel: int, like: torch.Tensor, dtype: torch.dtype 
         return views[size]
 
     return scratch
+
+
+def mean_abs_scale(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """``mean|x|`` per output channel (axis 0) or over the tensor: the L2-optimal scale of ``sgn(x)`` (XNOR-Net)."""
+    if per_channel:
+        return x.abs().reshape(x.shape[0], -1).mean(dim=1).clamp_min(1e-8)
+    return x.abs().mean().clamp_min(1e-8)
 
 
 class Quantizer(nn.Module):
@@ -119,6 +131,43 @@ class Quantizer(nn.Module):
     def initialize(self, x: torch.Tensor) -> None:
         """Set data-dependent parameters from the first tensor seen (weights or a calibration batch)."""
 
+    def track_weight(self, weight: torch.Tensor) -> None:
+        """Refresh scales derived from the weight itself before it is frozen (the ``"mean"`` binary scale)."""
+        if self.binary_mean_scale:
+            scale = mean_abs_scale(weight.detach(), bool(self.channels))
+            self.binary_scale.copy_(scale.reshape(self.binary_scale.shape))
+
+    @property
+    def binary_mean_scale(self) -> bool:
+        """Whether this quantizer is a 1-bit weight quantizer scaled by ``mean|w|`` (option ``binary_scale``).
+
+        Read at call time: SDQ changes ``bits`` during training.
+        """
+        return self.role == "weight" and self.bits == 1 and self.options.get("binary_scale") == "mean"
+
+    def _register_binary_scale(self) -> None:
+        """The ``mean|w|`` scale of the last weight seen, for :meth:`grid` (schemes with ``binary_scale``)."""
+        scale = self.options["binary_scale"]
+        if scale not in BINARY_SCALES:
+            allowed = ", ".join(BINARY_SCALES)
+            raise ConfigError(f"quantizer_options binary_scale={scale!r} is invalid; allowed: {allowed}")
+        self.register_buffer("binary_scale", torch.ones(self.num_params if self.channels else ()))
+
+    def binary_forward(self, x: torch.Tensor, unit_sign) -> torch.Tensor:
+        """``mean|x|·sgn(x)`` per channel, the value of the ``"mean"`` 1-bit weight grid (``sgn(0) = +1``).
+
+        ``unit_sign(x, window)`` returns ``±1`` with the scheme's surrogate gradient on ``|x| ≤ window``; the
+        window is ``max|x|`` per channel, so no weight is cut off from its gradient. ``mean|x|`` is
+        recomputed at every step, so the quantized weight follows the batch-norm fold factor: with a learned
+        scale ``±s`` it would not, and the running statistics that eval folds in drift from the batch ones.
+        """
+        per_channel = bool(self.channels)
+        scale = mean_abs_scale(x, per_channel)
+        with torch.no_grad():
+            self.binary_scale.copy_(scale.detach().reshape(self.binary_scale.shape))
+            window = (x.abs().reshape(x.shape[0], -1).amax(dim=1) if per_channel else x.abs().amax()).clamp_min(1e-8)
+        return unit_sign(x, self.view(window, x)) * self.view(scale, x)
+
     def update_schedule(self, progress: float) -> None:
         """Advance a training schedule (DSQ alpha, QN temperature); ``progress`` runs from 0 to 1."""
 
@@ -132,6 +181,9 @@ class Quantizer(nn.Module):
         return grid.int_values(codes), grid.scale
 
     def hard_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.binary_mean_scale:
+            with torch.no_grad():
+                self.track_weight(x)
         grid = self.grid()
         return grid.dequantize(self.codes(x))
 

@@ -194,7 +194,7 @@ class _DSQStraightThrough(torch.autograd.Function):
 class DSQQuantizer(Quantizer):
     """DSQ with learnable α (bounded to (0, 0.5)) and learnable clipping bounds."""
 
-    OPTIONS = {"alpha": 0.2, "learn_alpha": True}
+    OPTIONS = {"alpha": 0.2, "learn_alpha": True, "binary_scale": "mean"}
 
     def __init__(self, bits, role, channels=None, options=None):
         super().__init__(bits, role, channels, options)
@@ -211,11 +211,13 @@ class DSQQuantizer(Quantizer):
             self.alpha = nn.Parameter(torch.tensor(alpha))
         else:
             self.register_buffer("alpha", torch.tensor(alpha))
+        self._register_binary_scale()
 
     def initialize(self, x: torch.Tensor) -> None:
         if self.role == "weight":
             _, high = search_clip_range(x, self.bits, signed=True, per_channel=bool(self.channels))
             self.upper.copy_(high)
+            self.track_weight(x)
         else:
             signed = bool(x.min() < 0)
             self.signed.fill_(signed)
@@ -234,6 +236,8 @@ class DSQQuantizer(Quantizer):
     def grid(self) -> QuantGrid:
         low, high = self._bounds()
         n = 2**self.bits - 1
+        if self.binary_mean_scale:
+            return QuantGrid(1, "bipolar", self.binary_scale, torch.zeros_like(self.binary_scale))
         if self.role == "weight":
             return QuantGrid(self.bits, "bipolar", high / n, torch.zeros_like(high))
         return QuantGrid(self.bits, "unsigned", (high - low) / n, low)
@@ -246,6 +250,10 @@ class DSQQuantizer(Quantizer):
 
     def soft_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Hard value, soft gradient: equal to ``soft + (hard − soft).detach()`` (Algorithm 1), fused."""
+        if self.binary_mean_scale:
+            # the soft sign of DSQ's one interval [−max|w|, max|w|], scaled by mean|w|; the learned clip is unused
+            # (kept in the graph with a zero gradient for DDP)
+            return self.binary_forward(x, self._unit_sign) + self.upper.sum() * 0.0
         n = 2**self.bits - 1
         # l and Δ of grid() with the same arithmetic, minus the steps that change no value (an offset of 0,
         # a multiplier of 1): each small op here is an autograd node, on every step and quantizer
@@ -259,6 +267,10 @@ class DSQQuantizer(Quantizer):
         if signed:  # QuantGrid.low keeps the sign of a zero bound this way; unsigned, the value of l is unused
             low = low + step * 0
         return _DSQStraightThrough.apply(x, low, step, self.alpha, self.bits, not signed)
+
+    def _unit_sign(self, x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        """``±1`` by the sign of ``x`` with DSQ's soft gradient on ``[−window, window]`` (one interval)."""
+        return _DSQStraightThrough.apply(x, -window, 2.0 * window, self.alpha, 1, False) / window
 
     def characteristic(self) -> tuple[float, float]:
         """(α, k·Δ): how far the soft function is from the staircase (α → 0 is hard)."""

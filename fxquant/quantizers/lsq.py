@@ -116,11 +116,17 @@ def lsq_quantize(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, bipolar:
     return ((q - vc).detach() + vc) * step
 
 
+def _unit_sign(x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """``±1`` by the sign of ``x`` (``sgn 0 = +1``), straight through with slope ``1/window`` (``|x| ≤ window``)."""
+    v = x / window
+    return (torch.where(v >= 0, 1.0, -1.0) - v).detach() + v
+
+
 @register_quantizer("lsq")
 class LSQQuantizer(Quantizer):
     """LSQ with one learned step per tensor (activations) or per output channel (weights, when configured)."""
 
-    OPTIONS = {"grad_scale": True}
+    OPTIONS = {"grad_scale": True, "binary_scale": "mean"}
 
     def __init__(
         self, bits: int, role: Role, channels: int | None = None, options: Mapping[str, Any] | None = None
@@ -130,6 +136,7 @@ class LSQQuantizer(Quantizer):
         self.register_buffer("signed", torch.tensor(role == "weight"))
         # g = 1/sqrt(N·Q_P), fixed from the first tensor (a buffer, so compiled graphs see no symbolic shapes)
         self.register_buffer("step_grad_scale", torch.tensor(1.0))
+        self._register_binary_scale()
 
     # -- grid ---------------------------------------------------------------------------------------------
 
@@ -154,6 +161,8 @@ class LSQQuantizer(Quantizer):
         return self.step.abs().clamp_min(1e-8)
 
     def grid(self) -> QuantGrid:
+        if self.binary_mean_scale:
+            return QuantGrid(1, "bipolar", self.binary_scale, torch.zeros_like(self.binary_scale))
         s = self._step()
         signed = self.is_signed()
         encoding = ("bipolar" if self.bits == 1 else "signed") if signed else "unsigned"
@@ -170,6 +179,7 @@ class LSQQuantizer(Quantizer):
         factor = 1.0 if self.bipolar else 2.0 / math.sqrt(qp)
         self.step.copy_((mean_abs * factor).clamp_min(1e-8).reshape(self.step.shape))
         self.step_grad_scale.fill_(self.gradient_scale(x))
+        self.track_weight(x)
 
     def gradient_scale(self, x: torch.Tensor) -> float:
         """``g = 1/sqrt(N·Q_P)``: ``N`` = elements per step (weights) or features per example (activations)."""
@@ -183,6 +193,8 @@ class LSQQuantizer(Quantizer):
         return 1.0 / math.sqrt(max(n, 1) * qp)
 
     def soft_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.binary_mean_scale:  # the learned step is unused (kept in the graph with a zero gradient for DDP)
+            return self.binary_forward(x, _unit_sign) + self.step.sum() * 0.0
         signed = self.is_signed()  # read once: a data-dependent branch is a graph break under torch.compile
         qn, qp = self.bounds(signed)
         s = self.view(grad_scale(self._step(), self.step_grad_scale), x)

@@ -346,6 +346,12 @@ class QNQuantizer(Quantizer):
                 f"quantizer_options temperature_start={t0}, temperature_end={t1}, temperature_cap={cap} are "
                 "invalid: QN temperatures must be positive"
             )
+        if role == "weight" and self.bits == 1:
+            raise ConfigError(
+                "quantizer 'qn' cannot quantize weights to 1 bit: its learned output scale α does not follow the "
+                "batch-norm fold factor, so the running statistics drift and eval collapses; use 'dsq' or 'lsq' "
+                "(1-bit weights scaled by mean|w|) or 2+ weight bits"
+            )
         shape = (self.num_params,) if (role == "weight" and channels) else ()
         self.log_alpha = nn.Parameter(torch.zeros(shape))
         self.log_beta = nn.Parameter(torch.zeros(shape))

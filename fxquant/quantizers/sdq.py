@@ -186,6 +186,9 @@ class StochasticBitwidthQuantizer(Quantizer):
     def update_schedule(self, progress: float) -> None:
         self.base.update_schedule(progress)
 
+    def track_weight(self, weight: torch.Tensor) -> None:
+        self.base.track_weight(weight)
+
     def grid(self) -> QuantGrid:
         return self.base.grid()
 

@@ -113,6 +113,9 @@ def test_training_resumes_where_it_stopped(run_dir: Path) -> None:
     metrics = trained["metrics"]
     assert (metrics["steps_run"], metrics["global_step"], metrics["finished"]) == (2, 4, True)
     assert 0.0 <= metrics["test_accuracy"] <= 100.0
+    agreement = metrics["train_eval_agreement"]  # the end-of-schedule check, only once the schedule is done
+    assert "train_eval_agreement" not in half and agreement["samples"] == 64
+    assert agreement["gap"] == abs(agreement["train_accuracy"] - agreement["eval_accuracy"])
     # 2 + 2 resumed steps give exactly the checkpoint of 4 uninterrupted steps (weights, optimizer, RNG, all)
     assert (run_dir / "trained.ckpt").read_bytes() == (run_dir / "straight.ckpt").read_bytes()
     assert read_checkpoint(run_dir / "trained.ckpt").training["epoch"] == 1

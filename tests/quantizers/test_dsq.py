@@ -124,7 +124,8 @@ def test_levels(bits):
     n = 2**bits - 1
     grid = q.grid()
     levels = grid.dequantize(torch.arange(n + 1.0).expand(4, -1).contiguous())
-    u = q.upper.detach()[:, None]
+    # 1-bit weights are ±mean|w| per channel (option binary_scale="mean"), other widths span the learned clip
+    u = w.abs().mean(1, keepdim=True) if bits == 1 else q.upper.detach()[:, None]
     torch.testing.assert_close(levels[:, 0:1], -u)
     torch.testing.assert_close(levels[:, -1:], u)  # l and u are both levels
     torch.testing.assert_close(levels, -levels.flip(1))  # symmetric, bipolar
@@ -147,6 +148,6 @@ def test_freeze_equals_prepared_eval(tiny_net, bits):
 
 
 def test_config_errors():
-    assert_unknown_option_rejected("dsq", {"alpha", "learn_alpha"})
+    assert_unknown_option_rejected("dsq", {"alpha", "learn_alpha", "binary_scale"})
     with pytest.raises(fxquant.ConfigError, match="alpha"):
         DSQQuantizer(2, "weight", options={"alpha": 0.7})

@@ -160,6 +160,6 @@ def test_freeze_equals_prepared_eval(tiny_net, bits):
 
 
 def test_config_errors():
-    assert_unknown_option_rejected("lsq", {"grad_scale"})
+    assert_unknown_option_rejected("lsq", {"grad_scale", "binary_scale"})
     cfg = fxquant.QuantConfig(quantizer="lsq", quantizer_options={"grad_scale": False})
     assert cfg.quantizer_options == {"grad_scale": False}
