@@ -86,6 +86,19 @@ class _UnscaledLayer(torch.autograd.Function):
         return grad_x, grad_w, grad_f, None
 
 
+@torch.compiler.disable
+def _running_fold_factor(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """``γ / sqrt(running_var + eps)``, run eagerly even under ``torch.compile``.
+
+    The batch norm updates ``running_var`` in place later in the same step. Compiled, AOT autograd would
+    recompute this factor in the backward from the running variance it took as a graph input (it is cheap
+    to recompute) and so read the updated statistics: a version-counter error across graph breaks, or a
+    silently wrong gradient for γ inside one graph. Eager autograd saves this fresh tensor instead.
+    """
+    running_std = torch.sqrt(bn.running_var + bn.eps)
+    return bn.weight / running_std if bn.affine else 1.0 / running_std
+
+
 class FusedBn(nn.Module):
     """``bn(layer(x))`` kept as one module so that later passes treat the pair as one layer."""
 
@@ -150,8 +163,7 @@ class QuantLayer(nn.Module):
             weight, bias = self.folded_weight_bias()
             return _apply(self.layer, x, self.weight_quant(weight), bias)
         bn = self.bn
-        running_std = torch.sqrt(bn.running_var + bn.eps)
-        factor = bn.weight / running_std if bn.affine else 1.0 / running_std
+        factor = _running_fold_factor(bn)
         shape = [-1] + [1] * (self.layer.weight.dim() - 1)
         weight = self.weight_quant(self.layer.weight * factor.reshape(shape))
         layer = self.layer
