@@ -18,6 +18,7 @@ from torch import nn
 from fxquant.errors import CheckpointError
 from fxquant.model_spec import ModelSpec
 from fxquant.output_files import OutputExistsError, check_writable
+from fxquant.placement import AMP_DTYPES, DEVICE_CHOICES, Placement, init_distributed, resolve_device
 from fxquant.report import RunReport
 
 __all__ = [
@@ -119,6 +120,26 @@ def add_data_arguments(parser: argparse.ArgumentParser, train: bool, test: bool,
     group.add_argument("--seed", type=int, default=None if train else 0, help="seed of weights, subsets and shuffling")
 
 
+def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--amp`` of a training stage (torchrun adds the processes, see fxquant.placement)."""
+    group = parser.add_argument_group("device")
+    group.add_argument("--device", default="auto", metavar="DEVICE",
+                       help=f"{DEVICE_CHOICES} (default auto: the first GPU if there is one); under torchrun "
+                            "a bare 'cuda' is each process's LOCAL_RANK GPU")
+    group.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None,
+                       help="mixed precision for conv/linear layers; quantizers stay float32")
+
+
+def placement_from_args(args: argparse.Namespace) -> Placement:
+    """This process's placement; joins the torchrun process group when there is one."""
+    return init_distributed(resolve_device(args.device), args.amp)
+
+
+def writes_files() -> bool:
+    """Whether this process writes outputs and reports: the only one, or rank 0 under torchrun."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def progress_enabled(args: argparse.Namespace) -> bool:
     """``--progress``/``--no-progress``, else progress bars only when stderr is a terminal."""
     return args.progress if args.progress is not None else sys.stderr.isatty()
@@ -185,6 +206,8 @@ class PipelineCommand:
         arguments = {k: v for k, v in vars(args).items() if k not in ("handler", "command")}
         report = RunReport(self.name, arguments)
         report_path = args.report if args.report is not None else self.default_report(args)
+        if not writes_files():  # other torchrun ranks: rank 0 writes the report
+            report.write = lambda path: None  # type: ignore[method-assign]
         replaceable = not os.path.exists(report_path) or _failed_run_report(report_path)
         try:
             check_writable([*self.outputs(args)] + ([] if replaceable else [report_path]), args.force)

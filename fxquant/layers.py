@@ -56,7 +56,12 @@ class _UnscaledLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, factor: torch.Tensor, conv: tuple | None) -> torch.Tensor:
-        y = F.linear(x, weight) if conv is None else F.conv2d(x, weight, None, *conv)
+        # under autocast the layer runs in its dtype (the backward too); weight and factor gradients stay float32
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        with torch.autocast(x.device.type, enabled=False):
+            w = weight.to(x.dtype)
+            y = F.linear(x, w) if conv is None else F.conv2d(x, w, None, *conv)
         y.div_(factor.reshape([1, -1] + [1] * (y.dim() - 2)))
         ctx.save_for_backward(x, weight, factor)
         ctx.conv = conv
@@ -67,18 +72,21 @@ class _UnscaledLayer(torch.autograd.Function):
         x, weight, factor = ctx.saved_tensors
         need_x, need_w, need_f = ctx.needs_input_grad[:3]
         per_channel = factor.reshape([-1] + [1] * (weight.dim() - 1))
+        grad = grad.to(x.dtype)
         grad_x = grad_w = grad_f = g_weight = None
         if ctx.conv is None:
             if need_x:
-                grad_x = grad.matmul(weight / per_channel)
+                grad_x = grad.matmul((weight / per_channel).to(x.dtype))
             if need_w or need_f:
                 g_weight = grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
         elif need_x or need_w or need_f:
             stride, padding, dilation, groups = ctx.conv
             grad_x, g_weight, _ = torch.ops.aten.convolution_backward(
-                grad, x, weight / per_channel if need_x else weight, None, list(stride), list(padding),
+                grad, x, (weight / per_channel if need_x else weight).to(x.dtype), None, list(stride), list(padding),
                 list(dilation), False, [0] * len(stride), groups, [need_x, need_w or need_f, False],
             )
+        if g_weight is not None:
+            g_weight = g_weight.to(weight.dtype)
         if need_w:
             grad_w = g_weight / per_channel
         if need_f:

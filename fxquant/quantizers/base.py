@@ -136,6 +136,9 @@ class Quantizer(nn.Module):
         return grid.dequantize(self.codes(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # rounding and scales stay float32 under mixed precision
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(x.float())
         if not bool(self.initialized):
             with torch.no_grad():
                 self.initialize(x.detach())
