@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxquant.placement import autocast_dtype
 from fxquant.quantizers.base import Quantizer
 
 __all__ = ["FusedBn", "QuantLayer", "fold_bn_into", "QUANTIZABLE_TYPES", "layer_type_name"]
@@ -42,6 +43,10 @@ def _apply(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.
     return F.linear(x, weight, bias)
 
 
+def _unbiased(x: torch.Tensor, weight: torch.Tensor, conv: tuple | None) -> torch.Tensor:
+    return F.linear(x, weight) if conv is None else F.conv2d(x, weight, None, *conv)
+
+
 class _UnscaledLayer(torch.autograd.Function):
     """``layer(x, w) / f`` with ``f`` per output channel: the QAT conv (or linear) with its output unscaled.
 
@@ -57,11 +62,12 @@ class _UnscaledLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, factor: torch.Tensor, conv: tuple | None) -> torch.Tensor:
         # under autocast the layer runs in its dtype (the backward too); weight and factor gradients stay float32
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        with torch.autocast(x.device.type, enabled=False):
-            w = weight.to(x.dtype)
-            y = F.linear(x, w) if conv is None else F.conv2d(x, w, None, *conv)
+        if (dtype := autocast_dtype(x.device.type)) is not None:
+            x = x.to(dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                y = _unbiased(x, weight.to(dtype), conv)
+        else:
+            y = _unbiased(x, weight, conv)
         y.div_(factor.reshape([1, -1] + [1] * (y.dim() - 2)))
         ctx.save_for_backward(x, weight, factor)
         ctx.conv = conv

@@ -24,12 +24,22 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from fxquant.errors import ConfigError
 
-__all__ = ["AMP_DTYPES", "DEVICE_CHOICES", "Placement", "resolve_device", "init_distributed", "broadcast_buffers"]
+__all__ = [
+    "AMP_DTYPES", "DEVICE_CHOICES", "Placement", "autocast_dtype", "resolve_device", "init_distributed",
+    "broadcast_buffers", "process_group",
+]
 
 #: ``--amp`` names -> autocast dtype. Quantizers leave autocast and compute in float32 (their rounding,
 #: scales and gradients); the conv/linear layers take the fake-quantized values in this dtype.
 AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16}
 DEVICE_CHOICES = "cpu, cuda, cuda:N, auto"
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device_type`` now, or ``None`` where it is off (or not available)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fxquant.errors import ConfigError
+from fxquant.placement import autocast_dtype
 from fxquant.quantizers.grid import QuantGrid, channel_view, uniform_codes
 
 __all__ = [
@@ -136,7 +137,7 @@ class Quantizer(nn.Module):
         return grid.dequantize(self.codes(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):  # rounding and scales stay float32 under mixed precision
+        if autocast_dtype(x.device.type) is not None:  # rounding and scales stay float32 under mixed precision
             with torch.autocast(x.device.type, enabled=False):
                 return self.forward(x.float())
         if not bool(self.initialized):
