@@ -102,13 +102,14 @@ class Placement:
             weight = 1.0
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), weight
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
         """The module to call in training: ``model`` itself, or a DDP wrapper of it across the ranks."""
         if not self.distributed:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
         # buffers are broadcast after each step (fxquant.placement.broadcast_buffers), not before each forward
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False,
+                                                   find_unused_parameters=find_unused_parameters)
 
 
 def init_distributed(device: torch.device, amp: str | None = None, timeout_s: float = 300.0) -> Placement:

@@ -3,6 +3,7 @@ a one-process run of the same global batches, and a ``fxquant train`` whose rank
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -110,3 +111,21 @@ def _children(pid: int) -> list[int]:
                 rank = next(int(v[5:]) for v in environ if v.startswith(b"RANK="))
                 found[rank] = int(entry.name)
     return [found[r] for r in sorted(found)]
+
+
+@pytest.mark.skipif(not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
+                    reason="dataset-fashion-mnist is not installed")
+def test_search_under_torchrun_gives_the_one_process_plan(tmp_path: Path) -> None:
+    (tmp_path / "quant.yaml").write_text("quantizer: lsq\nfirst_last_bits: null\n")
+    search = ["-m", "fxquant", "search", "--model", "tests.distributed_driver:tiny_net", "--config", "quant.yaml",
+              "--budget", "avg_weight_bits=3", "--train-subset", "64", "--batch-size", "16", "--steps", "8",
+              "--no-progress", "--device", "cpu"]
+    _run([sys.executable, *search, "-o", "one.json"], tmp_path)
+    _run(_torchrun(*search, "-o", "two.json"), tmp_path)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["bits"] == one["bits"]
+    assert two["metadata"]["search_bits"] == one["metadata"]["search_bits"]
+    for key, by_bits in one["metadata"]["keep_probability"].items():
+        for bits, p in by_bits.items():
+            assert abs(two["metadata"]["keep_probability"][key][bits] - p) < 1e-4, (key, bits)
+    assert json.loads((tmp_path / "two.json.report.json").read_text())["settings"]["placement"]["processes"] == 2
