@@ -68,8 +68,9 @@ def _version() -> str:
 
 
 def _sorted_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached contiguous copies in key order: shared or strided storages would change the bytes written."""
-    return {k: state[k].detach().clone().contiguous() for k in sorted(state)}
+    """Detached contiguous CPU copies in key order: shared or strided storages would change the bytes written,
+    and a checkpoint saved from a GPU run loads on a CPU-only host (the trainer moves it to its device)."""
+    return {k: state[k].detach().to("cpu", copy=True).contiguous() for k in sorted(state)}
 
 
 def _first(items: Sequence[str]) -> str:

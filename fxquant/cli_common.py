@@ -25,6 +25,7 @@ from torch import nn
 from fxquant.errors import CheckpointError, FxQuantError
 from fxquant.model_spec import TRUSTED_MODELS_ENV, ModelSpec, ModelTrust
 from fxquant.output_files import Output, check_outputs, clean_stale_temps, output_lock, recover_folder
+from fxquant.placement import AMP_DTYPES, DEVICE_CHOICES, Placement, init_distributed, resolve_device
 from fxquant.report import REPORT_FORMAT, RunReport
 
 __all__ = [
@@ -144,6 +145,26 @@ def model_trust(args: argparse.Namespace) -> ModelTrust:
     return ModelTrust(args.trust_model_code, tuple(args.trust_model))
 
 
+def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--amp`` of a training stage (torchrun adds the processes, see fxquant.placement)."""
+    group = parser.add_argument_group("device")
+    group.add_argument("--device", default="auto", metavar="DEVICE",
+                       help=f"{DEVICE_CHOICES} (default auto: the first GPU if there is one); under torchrun "
+                            "a bare 'cuda' is each process's LOCAL_RANK GPU")
+    group.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None,
+                       help="mixed precision for conv/linear layers; quantizers stay float32")
+
+
+def placement_from_args(args: argparse.Namespace) -> Placement:
+    """This process's placement; joins the torchrun process group when there is one."""
+    return init_distributed(resolve_device(args.device), args.amp)
+
+
+def writes_files() -> bool:
+    """Whether this process writes outputs and reports: the only one, or rank 0 under torchrun."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def progress_enabled(args: argparse.Namespace) -> bool:
     """``--progress``/``--no-progress``, else progress bars only when stderr is a terminal."""
     return args.progress if args.progress is not None else sys.stderr.isatty()
@@ -212,6 +233,9 @@ class PipelineCommand:
         arguments = {k: v for k, v in vars(args).items() if k not in ("handler", "command")}
         report = RunReport(self.name, arguments)
         report_path = args.report if args.report is not None else self.default_report(args)
+        if not writes_files():  # other torchrun ranks: rank 0 checks, locks and writes the outputs and the report
+            self.run(args, report)
+            return 0
         outputs = list(self.outputs(args))
         inputs = [(role, path) for role, path in self.inputs(args) if path is not None]
         report_output = Output(report_path, "--report" if args.report is not None else "report")

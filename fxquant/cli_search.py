@@ -13,6 +13,8 @@ before any training, naming the lowest achievable cost. ``--config`` gives the b
 layers (first/last bits, overrides). The search itself is :func:`fxquant.search`; where this installation
 lacks it, the command exits 1 and says so. ``--weights-out`` saves the float weights the search trained (a
 state dict, like ``--weights``), so that the training at the plan's bits continues from them.
+``--device``/``--amp`` as for ``fxquant train``; ``torchrun --nproc-per-node N -m fxquant search ...`` searches
+data-parallel (``--batch-size`` is the global batch) and rank 0 writes the plan and the weights.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from fxquant.cli_common import (
     add_data_arguments,
     add_model_arguments,
     add_output_arguments,
+    add_placement_arguments,
     build_float_model,
     main_output,
+    placement_from_args,
     positive_int,
     progress_enabled,
     sibling,
@@ -39,6 +43,7 @@ from fxquant.config import QuantConfig
 from fxquant.config_file import load_config_file
 from fxquant.data_source import DataSpec, data_location, open_data
 from fxquant.output_files import torch_save_atomic, write_text_atomic
+from fxquant.placement import process_group
 from fxquant.report import RunReport
 
 __all__ = ["COMMAND"]
@@ -69,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="progress bars (default: when stderr is a terminal)")
     parser.add_argument("--weights-out", type=Path, metavar="PATH",
                         help="also write the float weights the search trained (torch state dict, for --weights)")
+    add_placement_arguments(parser)
     add_output_arguments(parser, "BitwidthPlan JSON to write")
 
 
@@ -92,13 +98,18 @@ def run(args: argparse.Namespace, report: RunReport) -> None:
     example = next(iter(train))[0]
     options = fxquant.SearchOptions(steps=args.steps, seed=seed)
     report.settings.update(budget=budget.to_dict(), config=config.to_dict(), options=options.to_dict())
-    with report.phase("search"):
+    with report.phase("search"), process_group(placement_from_args(args)) as placement:
         plan = fxquant.search(model, (example,), train, budget=budget, config=config, options=options,
-                              progress=progress_enabled(args), update_weights=args.weights_out is not None)
+                              progress=progress_enabled(args) and placement.writes_files,
+                              update_weights=args.weights_out is not None, placement=placement)
+    report.settings.update(placement={"device": str(placement.device), "amp": placement.amp,
+                                      "processes": placement.world_size})
+    if not placement.writes_files:
+        return
     write_text_atomic(args.output, json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")
     report.add_output("plan", args.output)
     if args.weights_out is not None:
-        torch_save_atomic(args.weights_out, model.state_dict())
+        torch_save_atomic(args.weights_out, {k: v.cpu() for k, v in model.state_dict().items()})
         report.add_output("weights", args.weights_out)
     report.settings.update(data=data.to_dict())
     report.metrics.update(bits={k: list(v) for k, v in plan.bits.items()},

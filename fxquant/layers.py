@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxquant.placement import autocast_dtype
 from fxquant.quantizers.base import Quantizer
 
 __all__ = ["FusedBn", "QuantLayer", "fold_bn_into", "QUANTIZABLE_TYPES", "layer_type_name"]
@@ -42,6 +43,10 @@ def _apply(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.
     return F.linear(x, weight, bias)
 
 
+def _unbiased(x: torch.Tensor, weight: torch.Tensor, conv: tuple | None) -> torch.Tensor:
+    return F.linear(x, weight) if conv is None else F.conv2d(x, weight, None, *conv)
+
+
 class _UnscaledLayer(torch.autograd.Function):
     """``layer(x, w) / f`` with ``f`` per output channel: the QAT conv (or linear) with its output unscaled.
 
@@ -56,7 +61,13 @@ class _UnscaledLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, factor: torch.Tensor, conv: tuple | None) -> torch.Tensor:
-        y = F.linear(x, weight) if conv is None else F.conv2d(x, weight, None, *conv)
+        # under autocast the layer runs in its dtype (the backward too); weight and factor gradients stay float32
+        if (dtype := autocast_dtype(x.device.type)) is not None:
+            x = x.to(dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                y = _unbiased(x, weight.to(dtype), conv)
+        else:
+            y = _unbiased(x, weight, conv)
         y.div_(factor.reshape([1, -1] + [1] * (y.dim() - 2)))
         ctx.save_for_backward(x, weight, factor)
         ctx.conv = conv
@@ -67,23 +78,39 @@ class _UnscaledLayer(torch.autograd.Function):
         x, weight, factor = ctx.saved_tensors
         need_x, need_w, need_f = ctx.needs_input_grad[:3]
         per_channel = factor.reshape([-1] + [1] * (weight.dim() - 1))
+        grad = grad.to(x.dtype)
         grad_x = grad_w = grad_f = g_weight = None
         if ctx.conv is None:
             if need_x:
-                grad_x = grad.matmul(weight / per_channel)
+                grad_x = grad.matmul((weight / per_channel).to(x.dtype))
             if need_w or need_f:
                 g_weight = grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
         elif need_x or need_w or need_f:
             stride, padding, dilation, groups = ctx.conv
             grad_x, g_weight, _ = torch.ops.aten.convolution_backward(
-                grad, x, weight / per_channel if need_x else weight, None, list(stride), list(padding),
+                grad, x, (weight / per_channel if need_x else weight).to(x.dtype), None, list(stride), list(padding),
                 list(dilation), False, [0] * len(stride), groups, [need_x, need_w or need_f, False],
             )
+        if g_weight is not None:
+            g_weight = g_weight.to(weight.dtype)
         if need_w:
             grad_w = g_weight / per_channel
         if need_f:
             grad_f = -(g_weight * weight).sum(list(range(1, weight.dim()))) / (factor * factor)
         return grad_x, grad_w, grad_f, None
+
+
+@torch.compiler.disable
+def _running_fold_factor(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """``γ / sqrt(running_var + eps)``, run eagerly even under ``torch.compile``.
+
+    The batch norm updates ``running_var`` in place later in the same step. Compiled, AOT autograd would
+    recompute this factor in the backward from the running variance it took as a graph input (it is cheap
+    to recompute) and so read the updated statistics: a version-counter error across graph breaks, or a
+    silently wrong gradient for γ inside one graph. Eager autograd saves this fresh tensor instead.
+    """
+    running_std = torch.sqrt(bn.running_var + bn.eps)
+    return bn.weight / running_std if bn.affine else 1.0 / running_std
 
 
 class FusedBn(nn.Module):
@@ -150,8 +177,7 @@ class QuantLayer(nn.Module):
             weight, bias = self.folded_weight_bias()
             return _apply(self.layer, x, self.weight_quant(weight), bias)
         bn = self.bn
-        running_std = torch.sqrt(bn.running_var + bn.eps)
-        factor = bn.weight / running_std if bn.affine else 1.0 / running_std
+        factor = _running_fold_factor(bn)
         shape = [-1] + [1] * (self.layer.weight.dim() - 1)
         weight = self.weight_quant(self.layer.weight * factor.reshape(shape))
         layer = self.layer

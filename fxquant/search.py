@@ -40,6 +40,7 @@ from fxquant.passes.sdq_search import (
     unit_bits,
     with_ladders,
 )
+from fxquant.placement import Placement
 from fxquant.plan import BitwidthPlan
 from fxquant.quantizers.sdq import StochasticBitwidthQuantizer
 from fxquant.weight_link import WeightLink
@@ -142,6 +143,7 @@ def search(
     progress: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     update_weights: bool = False,
+    placement: Placement | None = None,
 ) -> BitwidthPlan:
     """Search per-layer bit-widths that meet ``budget``; ``model`` is not modified unless ``update_weights``.
 
@@ -155,7 +157,8 @@ def search(
     training (weights, biases, batch-norm parameters and statistics, in float) is written into ``model``
     once the search has succeeded, so that the training at the plan's bits continues from it instead of
     starting again (the search's steps are then not lost to the weights). Needs ``fold_bn`` ``"qat"`` or
-    ``"none"``.
+    ``"none"``. ``placement`` (:class:`~fxquant.placement.Placement`) runs the search on its device and,
+    under torchrun, data-parallel; the plan is the same on every rank.
 
     Example::
 
@@ -198,7 +201,7 @@ def search(
 
     if any(u.searched for u in units):
         result = run_search(
-            gm, train_loader, units, costs, budget, options, loss_fn, checkpoint_path, progress, on_step
+            gm, train_loader, units, costs, budget, options, loss_fn, checkpoint_path, progress, on_step, placement
         )
     else:  # every layer is fixed by the config: nothing to train
         result = SearchResult(unit_bits(gm, units), {}, {}, 0, 0)

@@ -4,6 +4,10 @@ Training can stop after any number of steps and continue in another process with
 uninterrupted run: the state holds the optimizer, the LR scheduler, the position (epoch, step), the torch
 RNG and the data shuffler's state at the start of the current epoch, which is replayed to skip the
 batches already seen. The schedule length (``epochs``) is fixed when training starts.
+
+Where it runs (a :class:`~fxquant.placement.Placement`: device, mixed precision, torchrun rank) is not part
+of the state: a run saved on a GPU resumes on the CPU and the reverse, and a run of N processes resumes with
+M, because every process steps through the same global batches and the state counts those.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from fxquant.agreement import DEFAULT_TOLERANCE, AgreementReport, ensure_agreeme
 from fxquant.api import update_schedules
 from fxquant.data import TensorBatches
 from fxquant.errors import CheckpointError, ConfigError
+from fxquant.placement import Placement
 from fxquant.train import train_epoch
 
 __all__ = ["TrainSettings", "QATTrainer"]
@@ -89,12 +94,16 @@ class QATTrainer:
         trainer.run(max_steps=100)          # later, in a new process: load_state_dict(...) and run() again
     """
 
-    def __init__(self, model: fx.GraphModule, loader: TensorBatches, settings: TrainSettings):
-        self.model, self.loader, self.settings = model, loader, settings
+    def __init__(
+        self, model: fx.GraphModule, loader: TensorBatches, settings: TrainSettings, placement: Placement | None = None
+    ):
+        self.placement = placement if placement is not None else Placement()
+        self.model, self.loader, self.settings = model.to(self.placement.device), loader, settings
+        self.trained = self.placement.wrap(self.model)  # what the steps call: the model or its DDP wrapper
         self.steps_per_epoch = len(loader)
         self.total_steps = settings.epochs * self.steps_per_epoch
         self.optimizer = torch.optim.SGD(
-            model.parameters(), lr=settings.lr, momentum=settings.momentum, nesterov=settings.momentum > 0,
+            self.model.parameters(), lr=settings.lr, momentum=settings.momentum, nesterov=settings.momentum > 0,
             weight_decay=settings.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -128,9 +137,9 @@ class QATTrainer:
             base = self.global_step
             batches = _Batches(self.loader, self.epoch_rng_state, self.step_in_epoch, count)
             losses.append(train_epoch(
-                self.model, batches, self.optimizer, self.scheduler, progress,
+                self.trained, batches, self.optimizer, self.scheduler, progress and self.placement.writes_files,
                 on_step=lambda s, base=base: update_schedules(self.model, min(1.0, (base + s + 1) / self.total_steps)),
-                description=f"epoch {self.epoch + 1}/{self.settings.epochs}",
+                description=f"epoch {self.epoch + 1}/{self.settings.epochs}", placement=self.placement,
             ))
             budget -= count
             self.step_in_epoch += count

@@ -53,6 +53,7 @@ from fxquant.output_files import torch_save_atomic
 from fxquant.passes.cost_model import LayerCost, expected_plan_cost, plan_cost, useful_bits
 from fxquant.passes.insert_quant import quant_layer_nodes
 from fxquant.passes.layer_graph import TiePolicy, Ties
+from fxquant.placement import Placement, broadcast_buffers
 from fxquant.quantizers.base import Quantizer
 from fxquant.quantizers.sdq import StochasticBitwidthQuantizer
 
@@ -572,6 +573,7 @@ def run_search(
     checkpoint_path: str | os.PathLike | None = None,
     progress: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    placement: Placement | None = None,
 ) -> SearchResult:
     """Train ``gm`` (prepared with ``"sdq"`` quantizers, :func:`attach_dbps` applied) with the budget
     penalty and step bit-widths down; returns the units' final bits and sensitivities.
@@ -579,7 +581,10 @@ def run_search(
     ``on_step(step, info)`` runs after each step (and after its checkpoint), with the loss, the expected
     cost ratio and the number of units stepped down. With ``checkpoint_path`` an existing checkpoint of
     the same search is resumed; a checkpoint of another search raises :class:`CheckpointError`.
+    ``placement`` puts the search on a device and, under torchrun, splits each batch over the ranks (see
+    :mod:`fxquant.placement`): every rank draws the same noise and steps down the same units; rank 0 saves.
     """
+    placement = placement if placement is not None else Placement(next(gm.parameters()).device)
     options = options if options is not None else SearchOptions()
     steps = options.steps
     if steps is None:
@@ -592,7 +597,9 @@ def run_search(
     fingerprint = _fingerprint(units, budget, options, steps, interval)
     path = Path(checkpoint_path) if checkpoint_path is not None else None
 
-    gm.train()
+    gm.to(placement.device).train()
+    # a unit stepped down to its floor stops using its logits: DDP must allow unused parameters
+    trained = placement.wrap(gm, find_unused_parameters=True)
     optimizer = _optimizer(gm, options)
     batches = _Batches(loader)
     history: dict[str, dict[int, float]] = {u.key: {} for u in searched}  # sensitivity per bits left
@@ -612,7 +619,7 @@ def run_search(
         torch.manual_seed(options.seed)
 
     def save(done: int) -> None:
-        if path is None:
+        if path is None or not placement.writes_files:
             return
         torch_save_atomic(path, {
             "format": CHECKPOINT_FORMAT,
@@ -630,17 +637,20 @@ def run_search(
     target = budget.bound
     bar = tqdm(total=steps, initial=start, desc="SDQ search", disable=not progress, leave=False, dynamic_ncols=True)
     for step in range(start, steps):
-        x, y = batches.next()
+        x, y, share = placement.shard(*batches.next())
         _draw_noise(gm, units)
-        logits = gm(x)
+        with placement.autocast():
+            logits = trained(x).float()
         task = loss_fn(logits, y, x) if loss_fn is not None else F.cross_entropy(logits, y)
         ratio = expected_cost(gm, units, costs, budget.metric) / target
-        loss = task + options.penalty * torch.relu(ratio - 1.0)
+        loss = task * share + options.penalty * torch.relu(ratio - 1.0)  # DDP averages: the global mean task loss
         if not math.isfinite(float(loss.detach())):
             raise NumericsError(f"SDQ search loss became {float(loss.detach())} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if placement.distributed:
+            broadcast_buffers(gm)
         lowered: dict[str, tuple[float, float]] = {}
         if (step + 1) % interval == 0:
             bits_left = unit_bits(gm, units)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fxquant.errors import ConfigError
+from fxquant.placement import autocast_dtype
 from fxquant.quantizers.grid import QuantGrid, channel_view, uniform_codes
 
 __all__ = [
@@ -188,6 +189,9 @@ class Quantizer(nn.Module):
         return grid.dequantize(self.codes(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if autocast_dtype(x.device.type) is not None:  # rounding and scales stay float32 under mixed precision
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(x.float())
         if not bool(self.initialized):
             with torch.no_grad():
                 self.initialize(x.detach())

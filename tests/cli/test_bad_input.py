@@ -457,7 +457,7 @@ def test_non_utf8_config_and_plan(workdir: Path, capsys) -> None:
 @pytest.mark.parametrize(
     ("source", "message"),
     [
-        ("def build():\n    raise RuntimeError('no weights here')\n",
+        ("from torch import nn\ndef build() -> nn.Module:\n    raise RuntimeError('no weights here')\n",
          "model spec {name}:build: the builder raised RuntimeError: no weights here"),
         ("def build(:\n", r"importing module '{name}' failed \(.*{name}\.py:1\): SyntaxError"),
         ("raise ValueError('at import')\ndef build(): pass\n",

@@ -1,13 +1,11 @@
-"""Prepared models under torch.compile and DistributedDataParallel, for every registered scheme."""
+"""Prepared models under DistributedDataParallel, for every scheme (torch.compile: tests/test_torch_compile.py)."""
 
 from __future__ import annotations
 
-import copy
 import os
 import socket
 import tempfile
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -56,31 +54,6 @@ def _prepared(scheme: str, net: type[nn.Module] = SmallNet, seed: int = 0) -> tu
 
 def test_the_schemes_are_registered():
     assert set(SCHEMES) <= set(available_quantizers())
-
-
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_torch_compile_forward_and_backward_match_eager(scheme):
-    """Dynamo capture plus AOT autograd (``aot_eager``: the front end inductor compiles; its C++ code generation
-    takes minutes per model on the 2-core CI host). The net has no batch norm: with QAT batch-norm folding
-    the compiled backward currently fails inside :class:`~fxquant.layers.QuantLayer`, whatever the scheme
-    (the running variance it saves is updated in place by the batch norm in a later graph)."""
-    torch._dynamo.reset()
-    eager, x = _prepared(scheme, ConvLinear)
-    compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model, backend="aot_eager", dynamic=False)
-    y_eager = eager(x)
-    y_eager.square().mean().backward()
-    y_comp = compiled(x)
-    y_comp.square().mean().backward()
-    torch.testing.assert_close(y_comp, y_eager, rtol=1e-5, atol=1e-6)
-    checked = []
-    for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
-        assert p.grad is not None and q.grad is not None, name
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
-        checked.append(name)
-    learned = [n for n in checked if "_quant." in n]
-    assert len(checked) - len(learned) == 4 and (scheme == "ste" or len(learned) >= 4)
-    torch._dynamo.reset()
 
 
 def _free_port() -> int:
