@@ -152,7 +152,8 @@ class Quantizer(nn.Module):
         if scale not in BINARY_SCALES:
             allowed = ", ".join(BINARY_SCALES)
             raise ConfigError(f"quantizer_options binary_scale={scale!r} is invalid; allowed: {allowed}")
-        self.register_buffer("binary_scale", torch.ones(self.num_params if self.channels else ()))
+        # derived from the weight at every forward and at freeze: not state, so checkpoints keep their format
+        self.register_buffer("binary_scale", torch.ones(self.num_params if self.channels else ()), persistent=False)
 
     def binary_forward(self, x: torch.Tensor, unit_sign) -> torch.Tensor:
         """``mean|x|·sgn(x)`` per channel, the value of the ``"mean"`` 1-bit weight grid (``sgn(0) = +1``).
