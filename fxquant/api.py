@@ -56,9 +56,7 @@ def prepare_owned(
     if example_inputs is not None:
         args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
         gm.eval()
-        with torch.no_grad():
-            gm(*args)
-        _record_shapes(gm, args)
+        _record_shapes(gm, args)  # its forward pass also initialises the quantizers
     gm.train(training)
     return gm
 
