@@ -102,7 +102,7 @@ def _index_tensor(ctx: LoweringContext, x: relax.Expr, index: Any) -> relax.Expr
         raise NotImplementedError("indexing with more than one index tensor")
     if consumed > len(shape):
         raise NotImplementedError(f"{consumed} indices for a rank-{len(shape)} tensor")
-    axes, begin, end, strides, out_shape, drop, take = [], [], [], [], [], [], None
+    axes, begin, end, strides, out_shape, trailing, take = [], [], [], [], [], [], None
     axis = 0
     for item in items:
         if item is Ellipsis:
@@ -128,7 +128,7 @@ def _index_tensor(ctx: LoweringContext, x: relax.Expr, index: Any) -> relax.Expr
             axis += 1
         else:
             raise NotImplementedError(f"index of type {type(item).__name__}")
-    drop.extend(shape[axis:])
+    trailing.extend(shape[axis:])
     if axes:
         x = ctx.bb.emit(relax.op.strided_slice(x, axes, begin, end, strides))
     if take is not None:
@@ -136,7 +136,7 @@ def _index_tensor(ctx: LoweringContext, x: relax.Expr, index: Any) -> relax.Expr
         x = ctx.bb.emit(relax.op.take(x, indices, axis=at))
         index_shape = ctx.shape(indices)
         out_shape[position : position + 1] = list(index_shape)
-    return ctx.bb.emit(relax.op.reshape(x, [*out_shape, *drop]))
+    return ctx.bb.emit(relax.op.reshape(x, [*out_shape, *trailing]))
 
 
 def _getitem(ctx: LoweringContext, node: fx.Node) -> Any:

@@ -25,10 +25,11 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "convnext": lambda: convnext.ConvNeXt(
         [convnext.CNBlockConfig(16, 32, 1), convnext.CNBlockConfig(32, None, 1)], num_classes=10
     ),
-    "swin": lambda: swin_transformer.SwinTransformer([4, 4], 16, [2, 2], [2, 2], [4, 4], num_classes=10),
+    # 8x8 tokens in 4x4 windows: the second block of the first stage shifts them; then patch merging
+    "swin": lambda: swin_transformer.SwinTransformer([4, 4], 16, [2, 1], [2, 2], [4, 4], num_classes=10),
+    # v2 (cosine attention, position-bias MLP): one stage with a plain and a shifted block
     "swin_v2": lambda: swin_transformer.SwinTransformer(
-        [4, 4], 16, [2, 2], [2, 2], [4, 4], num_classes=10,
-        block=swin_transformer.SwinTransformerBlockV2, downsample_layer=swin_transformer.PatchMergingV2,
+        [4, 4], 16, [2], [2], [4, 4], num_classes=10, block=swin_transformer.SwinTransformerBlockV2,
     ),
 }
 ATTENTION_KINDS = {"MultiheadAttention", "shifted_window_attention", "matmul", "einsum", "scaled_dot_product_attention"}
