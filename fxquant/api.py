@@ -60,9 +60,7 @@ def prepare_owned(
             if isinstance(x, torch.Tensor):
                 check_finite(x, f"example input {i} (calibration data)")
         gm.eval()
-        with torch.no_grad():
-            gm(*args)
-        _record_shapes(gm, args)
+        _record_shapes(gm, args)  # its forward pass also initialises the quantizers
     gm.train(training)
     return gm
 

@@ -159,7 +159,7 @@ class QuantLayer(nn.Module):
 
         if not bool(self.weight_quant.initialized):
             with torch.no_grad():
-                self.weight_quant(self.folded_weight_bias()[0])
+                self.weight_quant.ensure_initialized(self.folded_weight_bias()[0])
         frozen = freeze_layer(self)
         codes = frozen.codes_from_values(x)
         return frozen.integer_output(codes)

@@ -16,12 +16,15 @@ from torch import fx
 from fxquant.backends.registry import register_backend
 from fxquant.backends.tvm.artifact import Artifact, export_artifact, load_manifest, verify_artifact
 from fxquant.backends.tvm.build import arm_target_dict, compile_module, host_target_dict, make_target
-from fxquant.backends.tvm.lower import lower_graph
+from fxquant.backends.tvm.lower import lower_graph, register_converter
 from fxquant.backends.tvm.manifest import build_manifest
 from fxquant.backends.tvm.options import ArmOptions, TvmOptions
 from fxquant.backends.tvm.runtime import TvmModule
 
-__all__ = ["lower_tvm_llvm", "lower_tvm_arm", "TvmModule", "Artifact", "load_manifest", "verify_artifact"]
+__all__ = [
+    "lower_tvm_llvm", "lower_tvm_arm", "TvmModule", "Artifact", "load_manifest", "verify_artifact",
+    "register_converter",
+]
 
 
 def _lower_and_compile(

@@ -1,5 +1,7 @@
 """Converters of layers left in float32 (excluded from quantization): conv2d, linear and eval batch norm.
 
+Linear layers take ``(..., C)`` inputs (transformer tokens): the leading axes are folded into rows.
+
 Conv and linear use the same direct kernels as the integer fallback, instantiated for float32, and are
 reported as ``"float"`` in the manifest. Their sums run in another order than PyTorch's, so they agree
 with the reference to float32 rounding rather than bit for bit.
@@ -19,7 +21,7 @@ from fxquant.backends.tvm.context import Converter, LayerRecord, LoweringContext
 from fxquant.backends.tvm.direct import DirectKernel, direct_conv2d, direct_dense
 from fxquant.backends.tvm.geometry import DenseGeometry, conv_geometry
 
-__all__ = ["MODULE_CONVERTERS"]
+__all__ = ["MODULE_CONVERTERS", "rows_of", "unrows"]
 
 
 def _record(ctx: LoweringContext, node: fx.Node, module: nn.Module, layout: str, macs: int) -> None:
@@ -63,12 +65,30 @@ def _conv(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
 def _linear(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
     module = ctx.module(node)
     assert isinstance(module, nn.Linear)
-    x = ctx.value(node.args[0])
+    x, lead = rows_of(ctx, ctx.value(node.args[0]))
     shape = ctx.shape(x)
-    if len(shape) != 2:
-        raise NotImplementedError(f"linear on a rank-{len(shape)} input")
     geom = DenseGeometry(shape[0], shape[1], module.out_features)
-    return _direct_float(ctx, node, module, x, geom, direct_dense, "direct_float_dense", rank=2)
+    out = _direct_float(ctx, node, module, x, geom, direct_dense, "direct_float_dense", rank=2)
+    return unrows(ctx, out, lead)
+
+
+def rows_of(ctx: LoweringContext, x: relax.Expr) -> tuple[relax.Expr, tuple[int, ...] | None]:
+    """A ``(..., C)`` input of a linear layer as ``(rows, C)`` (tokens of a transformer become rows), and the
+    leading shape to restore, or None when the input is 2-D already."""
+    shape = ctx.shape(x)
+    if len(shape) == 2:
+        return x, None
+    rows = 1
+    for s in shape[:-1]:
+        rows *= s
+    return ctx.bb.emit(relax.op.reshape(x, [rows, shape[-1]])), tuple(shape[:-1])
+
+
+def unrows(ctx: LoweringContext, out: relax.Expr, lead: tuple[int, ...] | None) -> relax.Expr:
+    """The inverse of :func:`rows_of` on the layer's ``(rows, out_features)`` result."""
+    if lead is None:
+        return out
+    return ctx.bb.emit(relax.op.reshape(out, [*lead, ctx.shape(out)[-1]]))
 
 
 def _batch_norm(ctx: LoweringContext, node: fx.Node) -> relax.Expr:

@@ -20,6 +20,7 @@ from fxquant.backends.tvm import integer_ops
 from fxquant.backends.tvm.context import Converter, LayerRecord, LoweringContext
 from fxquant.backends.tvm.cost import KernelPlan
 from fxquant.backends.tvm.direct import DIRECT_VERSION, conv_layout, direct_conv2d, direct_dense
+from fxquant.backends.tvm.float_layers import rows_of, unrows
 from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry, conv_geometry
 from fxquant.backends.tvm.kernels.dot import KERNEL_VERSION as DOT_VERSION
 from fxquant.backends.tvm.kernels.dot import chain_plan, dense_as_conv, dot_conv2d, dot_dense, select_dot_isa
@@ -186,7 +187,9 @@ def choose_layer_kernel(
 def _emit_integer_layer(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
     layer = ctx.module(node)
     assert isinstance(layer, IntegerLayer)
-    x = ctx.value(node.args[0])
+    x, lead = ctx.value(node.args[0]), None
+    if isinstance(layer, IntegerLinear):  # (..., C) tokens -> (rows, C): the dense kernels see a 2-D input
+        x, lead = rows_of(ctx, x)
     shape = ctx.shape(x)
     geom = layer_geometry(layer, shape)
     values = _quantize(ctx, layer, x)
@@ -199,7 +202,7 @@ def _emit_integer_layer(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
     out_info = relax.TensorType(geom.output_shape, "int32")
     acc = ctx.bb.emit(relax.call_tir(gv, [values, relax.const(packed)], out_info))
     if ctx.options.debug_accumulators:
-        ctx.accumulators.append((name, acc))
+        ctx.accumulators.append((name, unrows(ctx, acc, lead)))  # the reference's shape
     scale, const = _rescale_constants(layer, shape, len(geom.output_shape))
     hint = f"rescale_{_safe(layer.name)}"
     out = ctx.bb.emit_te(integer_ops.rescale, acc, relax.const(scale), relax.const(const), primfunc_name_hint=hint)
@@ -215,8 +218,10 @@ def _emit_integer_layer(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
     }
     if choice.kind in choice.costs_us:
         facts["estimate_us"] = choice.costs_us[choice.kind]
+    if lead is not None:
+        facts["leading_shape"] = list(lead)
     ctx.layers.append(LayerRecord(name, type(layer).__name__, choice.kind, choice.reason, facts))
-    return out
+    return unrows(ctx, out, lead)
 
 
 _INTEGER = Converter(_emit_integer_layer, integer_layer_problem)

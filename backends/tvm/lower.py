@@ -1,9 +1,10 @@
 """Translate a frozen integer graph (``torch.fx``) into a Relax module through a converter table.
 
 The table maps module types, functions and method names to :class:`~fxquant.backends.tvm.context.Converter`
-objects (see ``elementwise``, ``structure``, ``float_layers``, ``integer_layers``). Before anything is
-emitted, every node is checked and all unsupported ones are reported together in one
-:class:`~fxquant.UnsupportedOpError`.
+objects (see ``elementwise``, ``structure``, ``float_layers``, ``transformer``, ``integer_layers``, and the
+user's entries from :func:`register_converter`); float ops it lacks fall back to TVM's own FX importer
+(``relax_frontend``). Before anything is emitted, every node is checked and all unsupported ones are reported
+together in one :class:`~fxquant.UnsupportedOpError`.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import tvm
 from torch import fx, nn
 from tvm import relax
 
-from fxquant.backends.tvm import elementwise, float_layers, integer_layers, structure
+from fxquant.backends.tvm import elementwise, float_layers, integer_layers, structure, transformer
 from fxquant.backends.tvm.context import Converter, LayerRecord, LoweringContext, node_label
 from fxquant.backends.tvm.cost import HostTimer, StaticModel
 from fxquant.backends.tvm.options import TvmOptions
+from fxquant.backends.tvm.relax_frontend import tvm_converter
 from fxquant.backends.tvm.selection import bitserial_module
-from fxquant.errors import BackendError, UnsupportedOpError
+from fxquant.errors import BackendError, ConfigError, UnsupportedOpError
 from fxquant.tvm_threads import default_threads
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "TensorSpec",
     "LoweredGraph",
     "converter_for",
+    "register_converter",
     "unsupported_nodes",
     "input_specs",
     "lower_graph",
@@ -45,15 +48,59 @@ MODULE_CONVERTERS: dict[type, Converter] = {
     **elementwise.MODULE_CONVERTERS,
     **structure.MODULE_CONVERTERS,
     **float_layers.MODULE_CONVERTERS,
+    **transformer.MODULE_CONVERTERS,
     **integer_layers.MODULE_CONVERTERS,
 }
 FUNCTION_CONVERTERS: dict[Callable[..., Any], Converter] = {
     **elementwise.FUNCTION_CONVERTERS,
     **structure.FUNCTION_CONVERTERS,
+    **transformer.FUNCTION_CONVERTERS,
 }
-METHOD_CONVERTERS: dict[str, Converter] = {**elementwise.METHOD_CONVERTERS, **structure.METHOD_CONVERTERS}
+METHOD_CONVERTERS: dict[str, Converter] = {
+    **elementwise.METHOD_CONVERTERS,
+    **structure.METHOD_CONVERTERS,
+    **transformer.METHOD_CONVERTERS,
+}
 #: module classes and functions of optional packages, by ``module.qualname``
-NAMED_CONVERTERS: dict[str, Converter] = {**structure.NAMED_CONVERTERS}
+NAMED_CONVERTERS: dict[str, Converter] = {**structure.NAMED_CONVERTERS, **transformer.NAMED_CONVERTERS}
+
+
+def register_converter(
+    target: type[nn.Module] | Callable[..., Any] | str,
+    emit: Callable[[LoweringContext, fx.Node], Any],
+    check: Callable[[fx.Node, nn.Module | None], str | None] | None = None,
+    *,
+    replace: bool = False,
+) -> Converter:
+    """Teach the TVM backends one more module type, function or method name (a user's custom layer).
+
+    ``emit(ctx, node)`` returns the node's Relax value: read inputs with ``ctx.value(node.args[0])``, emit with
+    ``ctx.bb.emit(relax.op...)``, reach the module with ``ctx.module(node)``. ``check(node, module)`` (optional)
+    returns why a node cannot be lowered, or None; it runs before anything is emitted. Keep a custom module
+    whole while tracing with ``QuantConfig(leaf_modules=[...])``, or it is traced through instead. An existing
+    entry is only replaced with ``replace=True``.
+
+    Example::
+
+        register_converter(MyScale, lambda ctx, node: ctx.bb.emit(
+            relax.op.multiply(ctx.value(node.args[0]), relax.const(ctx.module(node).factor, "float32"))))
+    """
+    if not callable(emit) or (check is not None and not callable(check)):
+        raise ConfigError("register_converter: emit (and check, if given) must be callable")
+    if isinstance(target, str):
+        table: dict[Any, Converter] = METHOD_CONVERTERS
+    elif isinstance(target, type) and issubclass(target, nn.Module):
+        table = MODULE_CONVERTERS
+    elif callable(target):
+        table = FUNCTION_CONVERTERS
+    else:
+        raise ConfigError(f"register_converter: target {target!r} is not a module class, a function or a method name")
+    if target in table and not replace:
+        raise ConfigError(f"register_converter: {_qualified(target) if not isinstance(target, str) else target!r} "
+                          "already has a converter (pass replace=True to override it)")
+    converter = Converter(emit, check)
+    table[target] = converter
+    return converter
 
 
 def _qualified(obj: Any) -> str:
@@ -84,10 +131,8 @@ class LoweredGraph:
     layers: list[LayerRecord]
 
 
-def converter_for(node: fx.Node, modules: dict[str, nn.Module]) -> Converter | None:
-    """The table entry of a call node (module types match along the class hierarchy)."""
+def _own_converter(node: fx.Node, module: nn.Module | None) -> Converter | None:
     if node.op == "call_module":
-        module = modules.get(str(node.target))
         for cls in type(module).__mro__:
             if cls in MODULE_CONVERTERS:
                 return MODULE_CONVERTERS[cls]
@@ -103,6 +148,15 @@ def converter_for(node: fx.Node, modules: dict[str, nn.Module]) -> Converter | N
     if node.op == "call_method":
         return METHOD_CONVERTERS.get(str(node.target))
     return None
+
+
+def converter_for(node: fx.Node, modules: dict[str, nn.Module]) -> Converter | None:
+    """The table entry of a call node (module types match along the class hierarchy), else TVM's importer's."""
+    if node.op not in ("call_module", "call_function", "call_method"):
+        return None
+    module = modules.get(str(node.target)) if node.op == "call_module" else None
+    own = _own_converter(node, module)
+    return own if own is not None else tvm_converter(node, module)
 
 
 def _output_nodes(node: fx.Node) -> tuple[list[Any], bool]:

@@ -18,6 +18,7 @@ from tvm import relax
 
 from fxquant.backends.tvm.context import Converter, LoweringContext
 from fxquant.backends.tvm.kernels.pool import PoolGeometry, max_pool2d
+from fxquant.errors import BackendError
 
 __all__ = ["MODULE_CONVERTERS", "FUNCTION_CONVERTERS", "METHOD_CONVERTERS", "NAMED_CONVERTERS"]
 
@@ -71,6 +72,19 @@ def _size(ctx: LoweringContext, node: fx.Node) -> Any:
     return shape if dim is None else shape[_axis(dim, len(shape))]
 
 
+def _dim(ctx: LoweringContext, node: fx.Node) -> int:
+    return len(ctx.shape(ctx.value(node.args[0])))
+
+
+def _assert(ctx: LoweringContext, node: fx.Node) -> None:
+    """``torch._assert`` on shapes (ViT checks its input size): decided now, nothing is emitted."""
+    condition, message = ctx.value(node.args[0]), ctx.value(_arg(node, 1, "message", ""))
+    if isinstance(condition, relax.Expr):
+        raise NotImplementedError("torch._assert on a tensor value")
+    if not condition:
+        raise BackendError(f"{node.name}: torch._assert fails for these input shapes: {message}")
+
+
 def _getattr(ctx: LoweringContext, node: fx.Node) -> Any:
     value, attr = ctx.value(node.args[0]), node.args[1]
     if isinstance(value, relax.Expr) and attr == "shape":
@@ -80,26 +94,69 @@ def _getattr(ctx: LoweringContext, node: fx.Node) -> Any:
     return getattr(value, attr)
 
 
+def _index_tensor(ctx: LoweringContext, x: relax.Expr, index: Any) -> relax.Expr:
+    """``x[index]`` for ints, slices, ``None``, ``...`` and at most one index tensor (gathered with ``take``)."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    shape = ctx.shape(x)
+    consumed = sum(1 for item in items if item is not None and item is not Ellipsis)
+    if sum(1 for item in items if isinstance(item, relax.Expr)) > 1:
+        raise NotImplementedError("indexing with more than one index tensor")
+    if consumed > len(shape):
+        raise NotImplementedError(f"{consumed} indices for a rank-{len(shape)} tensor")
+    axes, begin, end, strides, out_shape, trailing, take = [], [], [], [], [], [], None
+    axis = 0
+    for item in items:
+        if item is Ellipsis:
+            for _ in range(len(shape) - consumed):
+                out_shape.append(shape[axis])
+                axis += 1
+        elif item is None:
+            out_shape.append(1)
+        elif isinstance(item, int):
+            i = item + shape[axis] if item < 0 else item
+            axes.append(axis), begin.append(i), end.append(i + 1), strides.append(1)
+            axis += 1
+        elif isinstance(item, slice):
+            start, stop, step = item.indices(shape[axis])
+            if step <= 0:
+                raise NotImplementedError("a slice with a non-positive step")
+            axes.append(axis), begin.append(start), end.append(max(stop, start)), strides.append(step)
+            out_shape.append(len(range(start, stop, step)))
+            axis += 1
+        elif isinstance(item, relax.Expr):
+            take = (axis, item, len(out_shape))
+            out_shape.append(None)
+            axis += 1
+        else:
+            raise NotImplementedError(f"index of type {type(item).__name__}")
+    trailing.extend(shape[axis:])
+    if axes:
+        x = ctx.bb.emit(relax.op.strided_slice(x, axes, begin, end, strides))
+    if take is not None:
+        at, indices, position = take
+        x = ctx.bb.emit(relax.op.take(x, indices, axis=at))
+        index_shape = ctx.shape(indices)
+        out_shape[position : position + 1] = list(index_shape)
+    return ctx.bb.emit(relax.op.reshape(x, [*out_shape, *trailing]))
+
+
 def _getitem(ctx: LoweringContext, node: fx.Node) -> Any:
     value, index = ctx.value(node.args[0]), ctx.value(node.args[1])
     if isinstance(value, relax.Expr) and isinstance(value.ty, relax.TupleType):
         return ctx.bb.emit(relax.TupleGetItem(value, int(index)))
     if isinstance(value, relax.Expr):
-        raise NotImplementedError("indexing a tensor")
+        return _index_tensor(ctx, value, index)
     return value[index]
 
 
-_TUPLE_PRODUCERS = {"size", "chunk", "split", "shape"}
-
-
 def _getitem_problem(node: fx.Node, _: nn.Module | None) -> str | None:
-    source = node.args[0]
-    if not isinstance(source, fx.Node):
-        return None
-    name = source.target if isinstance(source.target, str) else getattr(source.target, "__name__", "")
-    meta = source.meta.get("tensor_meta")
-    if name not in _TUPLE_PRODUCERS and source.op != "placeholder" and hasattr(meta, "shape"):
-        return "indexing a tensor (slicing) is not supported"
+    index = node.args[1]
+    items = index if isinstance(index, tuple) else (index,)
+    for item in items:
+        if isinstance(item, slice) and item.step is not None and not isinstance(item.step, fx.Node) and item.step <= 0:
+            return f"slice with step {item.step}"
+        if isinstance(item, list | torch.Tensor):
+            return "indexing with a list or a boolean mask"
     return None
 
 
@@ -309,6 +366,7 @@ FUNCTION_CONVERTERS: dict[Callable[..., Any], Converter] = {
     torch.mean: _MEAN,
     operator.getitem: Converter(_getitem, _getitem_problem),
     builtins.getattr: Converter(_getattr),
+    torch._assert: Converter(_assert),
     F.dropout: Converter(_identity, _dropout_problem),
     F.max_pool2d: _MAX_POOL,
     F.avg_pool2d: _AVG_POOL,
@@ -317,6 +375,7 @@ FUNCTION_CONVERTERS: dict[Callable[..., Any], Converter] = {
 
 METHOD_CONVERTERS: dict[str, Converter] = {
     "size": Converter(_size),
+    "dim": Converter(_dim),
     "view": _VIEW,
     "reshape": _VIEW,
     "flatten": Converter(lambda ctx, node: _flatten_between(

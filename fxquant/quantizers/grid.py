@@ -136,7 +136,7 @@ class QuantGrid:
                 raise ValueError("a codebook grid needs levels_int to give integer values")
             return _lookup(self.levels_int, codes, axis)
         mult, zero = self.mult_zero
-        return codes.to(torch.int64) * mult + zero
+        return codes.to(torch.int64).mul_(mult).add_(zero)  # in place: weights can have 100M entries
 
     def codes(self, x: torch.Tensor, axis: int = 0) -> torch.Tensor:
         """Integer codes of ``x`` (as float tensor of whole numbers) under this grid."""
