@@ -21,7 +21,8 @@ def test_unknown_quantizer_lists_allowed():
 
 
 def test_unknown_quantizer_option_lists_allowed():
-    with pytest.raises(ConfigError, match=r"\['beta'\] are not options of 'dsq'; allowed: alpha, binary_scale, learn_alpha"):
+    allowed = "alpha, binary_scale, learn_alpha"
+    with pytest.raises(ConfigError, match=rf"\['beta'\] are not options of 'dsq'; allowed: {allowed}"):
         QuantConfig(quantizer_options={"beta": 1})
 
 

@@ -103,6 +103,13 @@ def test_untraceable_model_names_the_offending_line(workdir: Path, capsys) -> No
         ("key.json", '{"weight_bit": 4}', "key.json: unknown config key(s) ['weight_bit']; allowed: act_bits, "),
         ("ex.yaml", "exclude: fc\n", "ex.yaml: exclude='fc' is invalid: expected a list of layer names or patterns"),
         ("syntax.yaml", "weight_bits: [4\n", "syntax.yaml: syntax error: "),
+        # overrides are checked as strictly as the top-level options
+        ("ex.yaml", "overrides:\n  fc: {exclude: 'false'}\n",
+         "ex.yaml: overrides['fc']: LayerOverride.exclude='false' is invalid: expected True or False"),
+        ("pc.yaml", "overrides:\n  'layer1.*': {per_channel: 'no'}\n",
+         "pc.yaml: overrides['layer1.*']: LayerOverride.per_channel='no' is invalid: expected True, False or None"),
+        ("int.yaml", "overrides:\n  1: {weight_bits: 2}\n", "int.yaml: overrides key 1 is invalid: expected a layer"),
+        ("flat.yaml", "overrides:\n  exclude: 'false'\n", "flat.yaml: overrides['exclude']='false' is invalid"),
     ],
 )
 def test_bad_config_file_names_the_key_and_allowed_values(workdir: Path, capsys, name, text, message) -> None:
@@ -422,22 +429,6 @@ def test_inspect_and_verify_rerun_over_their_own_reports(prepared: Path, capsys)
 # -- inputs that used to end in a traceback -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("name", "text", "message"),
-    [
-        ("ex.yaml", "overrides:\n  fc: {exclude: 'false'}\n",
-         "ex.yaml: overrides['fc']: LayerOverride.exclude='false' is invalid: expected True or False"),
-        ("pc.yaml", "overrides:\n  'layer1.*': {per_channel: 'no'}\n",
-         "pc.yaml: overrides['layer1.*']: LayerOverride.per_channel='no' is invalid: expected True, False or None"),
-        ("int.yaml", "overrides:\n  1: {weight_bits: 2}\n", "int.yaml: overrides key 1 is invalid: expected a layer"),
-        ("flat.yaml", "overrides:\n  exclude: 'false'\n", "flat.yaml: overrides['exclude']='false' is invalid"),
-    ],
-)
-def test_override_values_are_checked_like_top_level_options(workdir: Path, capsys, name, text, message) -> None:
-    (workdir / name).write_text(text)
-    code, err = run(capsys, "prepare", "--model", SPEC.target, "--config", name, "--input-shape", "1,28,28",
-                    "-o", "p.ckpt")
-    assert code == 1 and err.startswith(f"fxquant prepare: error: {message}"), err
     assert not (workdir / "p.ckpt").exists()
 
 

@@ -60,23 +60,18 @@ def _compute(geom: PoolGeometry, dtype: str) -> list[te.Tensor]:
     lowest = tirx.min_value(dtype)
     x = te.placeholder(geom.shape, dtype, name="x")
 
-    def row_max(n, c, y, xo):
-        def tap(kx: int) -> tirx.PrimExpr:
-            col = xo * sw + kx * dw - left
-            clamped = tirx.max(tirx.min(col, w_ - 1), 0)
-            return tirx.if_then_else(tirx.all(col >= 0, col < w_), x[n, c, y, clamped], lowest)
+    def tap(position: tirx.PrimExpr, size: int, load) -> tirx.PrimExpr:
+        """``load(position)`` inside ``[0, size)``, else the dtype's lowest value (padding never wins a max)."""
+        clamped = tirx.max(tirx.min(position, size - 1), 0)
+        return tirx.if_then_else(tirx.all(position >= 0, position < size), load(clamped), lowest)
 
-        return _max_of([tap(kx) for kx in range(kw)])
+    def row_max(n, c, y, xo):
+        return _max_of([tap(xo * sw + kx * dw - left, w_, lambda col: x[n, c, y, col]) for kx in range(kw)])
 
     rows = te.compute((n_, c_, h_, ow), row_max, name="pool_rows")
 
     def column_max(n, c, yo, xo):
-        def tap(ky: int) -> tirx.PrimExpr:
-            row = yo * sh + ky * dh - top
-            clamped = tirx.max(tirx.min(row, h_ - 1), 0)
-            return tirx.if_then_else(tirx.all(row >= 0, row < h_), rows[n, c, clamped, xo], lowest)
-
-        return _max_of([tap(ky) for ky in range(kh)])
+        return _max_of([tap(yo * sh + ky * dh - top, h_, lambda row: rows[n, c, row, xo]) for ky in range(kh)])
 
     out = te.compute((n_, c_, oh, ow), column_max, name="pool_max")
     return [x, out]
