@@ -79,7 +79,7 @@ class DotIsa:
         return chain_steps * 2 * largest <= 2**15 - 1
 
     def chain_steps(self, kernel_w: int, in_channels: int) -> int:
-        """Steps of one int16 chain: a kernel row of channel blocks (see :func:`_chained_compute`)."""
+        """Steps of the shortest int16 chain: one kernel row of a channel block (longer ones: :func:`chain_plan`)."""
         cb = min(self.channel_block, _ceil_to(in_channels, self.k))
         return kernel_w * (cb // self.k)
 
