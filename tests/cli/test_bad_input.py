@@ -429,9 +429,6 @@ def test_inspect_and_verify_rerun_over_their_own_reports(prepared: Path, capsys)
 # -- inputs that used to end in a traceback -----------------------------------------------------------------
 
 
-    assert not (workdir / "p.ckpt").exists()
-
-
 def test_non_utf8_config_and_plan(workdir: Path, capsys) -> None:
     Path("q.yaml").write_bytes(b"weight_bits: 4\n# \xff\xfe\n")
     Path("plan.json").write_bytes(b'{"format": "\xff"}')
