@@ -27,8 +27,6 @@ def register_backend(name: str) -> Callable[[Lowering], Lowering]:
 
 
 def available_backends() -> list[str]:
-    import fxquant.backends.torch_ref  # noqa: F401
-
     return sorted(set(_REGISTRY) | set(_LAZY))
 
 

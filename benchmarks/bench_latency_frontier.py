@@ -37,9 +37,9 @@ import torch
 from torch.fx.passes.shape_prop import ShapeProp
 
 import fxquant
-from fxquant.data import fashion_mnist_loaders
-from fxquant.search import _sdq_config, fixed_bits, latency_table
-from fxquant.train import evaluate
+from fxquant.data.fashion_mnist import fashion_mnist_loaders
+from fxquant.sdq.search import _sdq_config, fixed_bits, latency_table
+from fxquant.training.loop import evaluate
 
 
 def _load(name: str) -> Any:

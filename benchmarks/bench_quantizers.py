@@ -12,7 +12,7 @@ Quantized layers run at the row's bits; the first conv and the last linear layer
 (``QuantConfig.first_last_bits``), per-channel weights, QAT batch-norm folding. Schedules (QN temperature)
 advance with ``fxquant.update_schedules`` after every step. fxquant accuracy is measured in eval mode, i.e. with
 the integer arithmetic of ``convert(backend="torch")`` (checked equal on one test batch per run), after the
-end-of-training check of :func:`fxquant.agreement.ensure_agreement` (batch-norm statistics re-estimated on
+end-of-training check of :func:`fxquant.training.agreement.ensure_agreement` (batch-norm statistics re-estimated on
 training batches when training-mode and eval-mode accuracy differ); the training-mode accuracy on the test
 set is recorded next to it (``train_mode_accuracy``). The peer is
 ``torch.ao.quantization.quantize_fx.prepare_qat_fx`` with ``FakeQuantize`` at the same bits (weights: per-channel
@@ -44,11 +44,11 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant.agreement import check_agreement, ensure_agreement
-from fxquant.data import TensorBatches, fashion_mnist_loaders
+from fxquant.data.fashion_mnist import TensorBatches, fashion_mnist_loaders
 from fxquant.models import resnet_small
 from fxquant.quantizers.base import Quantizer
-from fxquant.train import evaluate, train_epoch
+from fxquant.training.agreement import check_agreement, ensure_agreement
+from fxquant.training.loop import evaluate, train_epoch
 
 __all__ = ["BenchSettings", "QUICK", "run", "main"]
 

@@ -34,11 +34,11 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant.data import TensorBatches, fashion_mnist_loaders
-from fxquant.losses import sdq_loss
+from fxquant.data.fashion_mnist import TensorBatches, fashion_mnist_loaders
 from fxquant.models import resnet_small
-from fxquant.passes.cost_model import layer_costs, plan_cost
-from fxquant.train import evaluate, train_epoch
+from fxquant.passes.analysis.cost_model import layer_costs, plan_cost
+from fxquant.training.loop import evaluate, train_epoch
+from fxquant.training.losses import sdq_loss
 
 
 @dataclass(frozen=True)

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _host import host_info, print_host
 
-    from fxquant.output_files import write_text_atomic
+    from fxquant.io.output_files import write_text_atomic
 
     names = args.models or torchvision.models.list_models(module=torchvision.models)
     host = host_info()

@@ -6,10 +6,7 @@
 """
 
 from fxquant.api import convert, freeze_bn_stats, prepare, quantized_layer_names, quantizers_of, update_schedules
-from fxquant.budget import Budget
-from fxquant.checkpoint import Checkpoint, load_prepared, load_reference, read_checkpoint, save_checkpoint
 from fxquant.config import LayerOverride, QuantConfig
-from fxquant.config_file import load_config_file
 from fxquant.errors import (
     BackendError,
     BudgetError,
@@ -22,11 +19,13 @@ from fxquant.errors import (
     UnsupportedOpError,
 )
 from fxquant.input_guard import InputGuard
-from fxquant.model_spec import ModelSpec, ModelTrust
+from fxquant.io.checkpoint import Checkpoint, load_prepared, load_reference, read_checkpoint, save_checkpoint
+from fxquant.io.config_file import load_config_file
+from fxquant.io.model_spec import ModelSpec, ModelTrust
 from fxquant.plan import BitwidthPlan
-from fxquant.search import SearchOptions, search, search_report
-
-__version__ = "0.1.0"
+from fxquant.sdq.budget import Budget
+from fxquant.sdq.search import SearchOptions, search, search_report
+from fxquant.version import __version__
 
 __all__ = [
     "prepare",

@@ -2,6 +2,6 @@
 
 import sys
 
-from fxquant.cli import main
+from fxquant.cli.main import main
 
 sys.exit(main())

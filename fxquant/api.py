@@ -9,10 +9,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from fxquant.backends.registry import get_backend
 from fxquant.config import QuantConfig
 from fxquant.errors import ConfigError, FxQuantError, NumericsError
 from fxquant.input_guard import check_finite
 from fxquant.layers import QuantLayer
+from fxquant.passes import fold_bn, freeze, fuse_bn_for_qat, insert_quantizers, trace
 from fxquant.quantizers.base import Quantizer
 
 __all__ = ["prepare", "convert", "update_schedules", "freeze_bn_stats", "quantizers_of", "quantized_layer_names"]
@@ -44,8 +46,6 @@ def prepare_owned(
 ) -> fx.GraphModule:
     """:func:`prepare` without the copy: the result shares ``model``'s layer, batch-norm and other leaf
     modules (and so their parameters), which lets a caller that owns ``model`` read the training back."""
-    from fxquant.passes import fold_bn, fuse_bn_for_qat, insert_quantizers, trace
-
     training = model.training
     gm = trace(model, config.leaf_modules)
     if config.fold_bn == "qat":
@@ -113,9 +113,6 @@ def convert(model: fx.GraphModule, backend: str = "torch", **options: Any) -> An
 
         ref = fxquant.convert(qmodel, backend="torch")   # the integer-exact reference nn.Module
     """
-    from fxquant.backends.registry import get_backend
-    from fxquant.passes import freeze
-
     if not isinstance(model, fx.GraphModule) or not quantized_layer_names(model):
         raise FxQuantError("convert() expects a model returned by fxquant.prepare() with at least one quantized layer")
     lower = get_backend(backend)

@@ -7,48 +7,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
+from fxquant.bits import check_bits
 from fxquant.errors import ConfigError
+from fxquant.plan import BitwidthPlan
+from fxquant.quantizers.registry import available_quantizers, get_quantizer
+from fxquant.validate import check_bool, reject_unknown_fields
 
+__all__ = ["LayerOverride", "QuantConfig", "LayerQuantSpec", "BN_MODES"]
 
-def reject_unknown_fields(cls: type, data: Mapping[str, Any], message: str) -> None:
-    """Raise ``ConfigError("<message> [keys]; allowed: ...")`` for keys of ``data`` that are not fields of
-    the dataclass ``cls``: every config-like ``from_dict``/``parse`` names what it does accept."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{message} {unknown}; allowed: {', '.join(sorted(known))}")
-
-__all__ = ["LayerOverride", "QuantConfig", "LayerQuantSpec", "MIN_BITS", "MAX_BITS", "BN_MODES"]
-
-MIN_BITS = 1
-MAX_BITS = 8
 BN_MODES = ("qat", "inference", "none")
-
-
-def _check_bits(option: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
-        raise ConfigError(f"{option}={value!r} is invalid: expected an integer from {MIN_BITS} to {MAX_BITS}")
 
 
 def _check_quantizer(option: str, name: Any, allow_none: bool = False) -> None:
     if name is None and allow_none:
         return
-    from fxquant.quantizers.registry import available_quantizers
-
     known = available_quantizers()
     if name not in known:
         raise ConfigError(f"{option}={name!r} is not a known quantizer; allowed: {', '.join(known)}")
-
-
-def _check_bool(option: str, value: Any, allow_none: bool = False) -> None:
-    """Booleans only: a string such as ``"false"`` or ``"no"`` would otherwise count as true."""
-    if value is None and allow_none:
-        return
-    if not isinstance(value, bool):
-        allowed = "True, False or None" if allow_none else "True or False"
-        raise ConfigError(f"{option}={value!r} is invalid: expected {allowed}")
 
 
 @dataclass(frozen=True)
@@ -65,11 +40,11 @@ class LayerOverride:
     exclude: bool = False
 
     def __post_init__(self) -> None:
-        _check_bits("LayerOverride.weight_bits", self.weight_bits, allow_none=True)
-        _check_bits("LayerOverride.act_bits", self.act_bits, allow_none=True)
+        check_bits("LayerOverride.weight_bits", self.weight_bits, allow_none=True)
+        check_bits("LayerOverride.act_bits", self.act_bits, allow_none=True)
         _check_quantizer("LayerOverride.quantizer", self.quantizer, allow_none=True)
-        _check_bool("LayerOverride.per_channel", self.per_channel, allow_none=True)
-        _check_bool("LayerOverride.exclude", self.exclude)
+        check_bool("LayerOverride.per_channel", self.per_channel, allow_none=True)
+        check_bool("LayerOverride.exclude", self.exclude)
 
 
 @dataclass(frozen=True)
@@ -109,10 +84,10 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         _check_quantizer("quantizer", self.quantizer)
-        _check_bits("weight_bits", self.weight_bits)
-        _check_bits("act_bits", self.act_bits)
-        _check_bits("first_last_bits", self.first_last_bits, allow_none=True)
-        _check_bool("per_channel", self.per_channel)
+        check_bits("weight_bits", self.weight_bits)
+        check_bits("act_bits", self.act_bits)
+        check_bits("first_last_bits", self.first_last_bits, allow_none=True)
+        check_bool("per_channel", self.per_channel)
         if self.fold_bn not in BN_MODES:
             raise ConfigError(f"fold_bn={self.fold_bn!r} is invalid; allowed: {', '.join(BN_MODES)}")
         if not isinstance(self.overrides, Mapping):
@@ -132,8 +107,6 @@ class QuantConfig:
             object.__setattr__(self, option, tuple(value))
         object.__setattr__(self, "overrides", dict(self.overrides))
         object.__setattr__(self, "quantizer_options", dict(self.quantizer_options))
-        from fxquant.quantizers.registry import get_quantizer
-
         get_quantizer(self.quantizer).validate_options(dict(self.quantizer_options))
 
     def replace(self, **changes: Any) -> QuantConfig:
@@ -179,8 +152,6 @@ class QuantConfig:
             if option in kwargs:
                 kwargs[option] = tuple(kwargs[option])
         if kwargs.get("plan") is not None and not hasattr(kwargs["plan"], "bits"):
-            from fxquant.plan import BitwidthPlan
-
             kwargs["plan"] = BitwidthPlan.from_dict(kwargs["plan"])
         return cls(**kwargs)
 
@@ -189,10 +160,11 @@ class QuantConfig:
     def is_excluded(self, name: str, module_type: str) -> bool:
         if any(_key_matches(p, name, module_type) for p in self.exclude):
             return True
-        override = self._override_for(name, module_type)
+        override = self.override_for(name, module_type)
         return override is not None and override.exclude
 
-    def _override_for(self, name: str, module_type: str) -> LayerOverride | None:
+    def override_for(self, name: str, module_type: str) -> LayerOverride | None:
+        """The override that applies to layer ``name`` of type ``module_type``: by name, pattern, then type."""
         if name in self.overrides:
             return self.overrides[name]
         for key, value in self.overrides.items():
@@ -208,7 +180,7 @@ class QuantConfig:
         if self.plan is not None and name in self.plan.bits:
             weight_bits, act_bits = self.plan.bits[name]
         spec = LayerQuantSpec(weight_bits, act_bits, self.quantizer, self.per_channel)
-        override = self._override_for(name, module_type)
+        override = self.override_for(name, module_type)
         if override is not None:
             spec = LayerQuantSpec(
                 override.weight_bits or spec.weight_bits,

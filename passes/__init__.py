@@ -1,4 +1,8 @@
-"""Graph passes, one per module: each takes a ``torch.fx.GraphModule`` and returns one."""
+"""Graph passes, one per module: each takes a ``torch.fx.GraphModule`` and returns one.
+
+Analyses that read a prepared graph without rewriting it (the layer graph, per-layer costs) live in
+:mod:`fxquant.passes.analysis`.
+"""
 
 from fxquant.passes.fold_bn import fold_bn, fuse_bn_for_qat
 from fxquant.passes.freeze import freeze

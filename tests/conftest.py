@@ -31,7 +31,7 @@ def _trust_test_models():
     """Checkpoints written by tests name builders in ``tests.*``; loading them needs that package trusted."""
     import os
 
-    from fxquant.model_spec import TRUSTED_MODELS_ENV
+    from fxquant.io.model_spec import TRUSTED_MODELS_ENV
 
     old = os.environ.get(TRUSTED_MODELS_ENV)
     os.environ[TRUSTED_MODELS_ENV] = "tests.*"

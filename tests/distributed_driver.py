@@ -27,9 +27,9 @@ def tiny_net(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
 
 def main(out: Path, steps: int) -> None:
     import fxquant
-    from fxquant.data import TensorBatches
+    from fxquant.data.fashion_mnist import TensorBatches
     from fxquant.placement import init_distributed
-    from fxquant.trainer import QATTrainer, TrainSettings
+    from fxquant.training.trainer import QATTrainer, TrainSettings
 
     torch.set_num_threads(1)
     placement = init_distributed(torch.device("cpu"))

@@ -1,4 +1,4 @@
-"""The train/eval agreement check and batch-norm re-estimation (fxquant.agreement)."""
+"""The train/eval agreement check and batch-norm re-estimation (fxquant.training.agreement)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant.agreement import check_agreement, ensure_agreement, reestimate_bn
 from fxquant.errors import ConfigError, InputError
+from fxquant.training.agreement import check_agreement, ensure_agreement, reestimate_bn
 from tests.conftest import calibrate_bn
 
 

@@ -15,9 +15,9 @@ import torch
 
 import fxquant
 from fxquant import CheckpointError, InputError
-from fxquant.checkpoint import Checkpoint, load_prepared, load_reference, read_checkpoint, save_checkpoint
-from fxquant.model_spec import ModelSpec
-from fxquant.output_files import OutputExistsError
+from fxquant.io.checkpoint import Checkpoint, load_prepared, load_reference, read_checkpoint, save_checkpoint
+from fxquant.io.model_spec import ModelSpec
+from fxquant.io.output_files import OutputExistsError
 from tests.conftest import TinyNet, calibrate_bn
 
 SPEC = ModelSpec("tests.conftest:TinyNet", {"classes": 5})
@@ -104,8 +104,8 @@ def test_training_state_survives_exactly(qmodel, checkpoint) -> None:
         (lambda raw: raw[:-1], "is truncated"),
         (lambda raw: raw + b"x", "of the wrong length"),
         (lambda raw: raw[:-5] + b"\0\0\0\0\0", "is corrupted"),
-        (lambda raw: raw.replace(b'"format": "fxquant.checkpoint/1"', b'"format": "fxquant.checkpoint/0"'),
-         "format 'fxquant.checkpoint/0'"),
+        (lambda raw: raw.replace(b'"format": "fxquant.io.checkpoint/1"', b'"format": "fxquant.io.checkpoint/0"'),
+         "format 'fxquant.io.checkpoint/0'"),
         (lambda raw: b"hello", "not an fxquant checkpoint"),
     ],
 )

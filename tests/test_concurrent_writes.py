@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 
 import fxquant
-from fxquant.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
-from fxquant.model_spec import ModelSpec
+from fxquant.io.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
+from fxquant.io.model_spec import ModelSpec
 from tests.conftest import TinyNet
 
 WRITER = textwrap.dedent("""\
     import sys
-    from fxquant.checkpoint import read_checkpoint, save_checkpoint
+    from fxquant.io.checkpoint import read_checkpoint, save_checkpoint
     source, target, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
     checkpoint = read_checkpoint(source)
     print("ready", flush=True)

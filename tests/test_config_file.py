@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fxquant import BitwidthPlan, ConfigError, QuantConfig
-from fxquant.config_file import load_config_file
+from fxquant.io.config_file import load_config_file
 
 YAML = """\
 quantizer: dsq

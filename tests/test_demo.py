@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from fxquant.cli import main
-from fxquant.data import FASHION_MNIST_DIR, load_fashion_mnist
-from fxquant.demo import DemoSettings, run_demo
+from fxquant.cli.demo import DemoSettings, run_demo
+from fxquant.cli.main import main
+from fxquant.data.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
 
 pytestmark = pytest.mark.skipif(
     not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(), reason="dataset-fashion-mnist is not installed"

@@ -9,12 +9,12 @@ from torch import nn
 
 import fxquant
 from fxquant.api import quantizers_of
-from fxquant.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
-from fxquant.data import TensorBatches
+from fxquant.data.fashion_mnist import TensorBatches
 from fxquant.errors import ConfigError
-from fxquant.model_spec import ModelSpec
+from fxquant.io.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
+from fxquant.io.model_spec import ModelSpec
 from fxquant.placement import Placement, resolve_device
-from fxquant.trainer import QATTrainer, TrainSettings
+from fxquant.training.trainer import QATTrainer, TrainSettings
 
 SCHEMES = ("dsq", "lcq", "lsq", "qn", "ste", "sdq")
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fxquant.checkpoint import read_checkpoint
-from fxquant.data import FASHION_MNIST_DIR
+from fxquant.data.fashion_mnist import FASHION_MNIST_DIR
+from fxquant.io.checkpoint import read_checkpoint
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="this torch has no gloo backend")

@@ -7,7 +7,7 @@ import torch
 
 import fxquant
 from fxquant.errors import FxQuantError
-from fxquant.inspection import format_table, layer_rows, plot_rows
+from fxquant.tools.inspection import format_table, layer_rows, plot_rows
 from tests.conftest import TinyNet, calibrate_bn
 
 

@@ -10,18 +10,11 @@ from torch import nn
 import fxquant
 from fxquant import Budget, BudgetError, ConfigError, SearchOptions
 from fxquant.backends.tvm.latency_table import build_latency_table
-from fxquant.passes.cost_model import LayerCost, expected_plan_cost, plan_cost, useful_bits, with_latency
-from fxquant.passes.sdq_search import (
-    Unit,
-    attach_dbps,
-    expected_cost,
-    layer_bits,
-    round_to_budget,
-    search_units,
-    with_ladders,
-)
+from fxquant.passes.analysis.cost_model import LayerCost, expected_plan_cost, plan_cost, useful_bits, with_latency
 from fxquant.plan import BitwidthPlan
-from fxquant.search import _sdq_config, fixed_bits
+from fxquant.sdq.rounding import round_to_budget
+from fxquant.sdq.search import _sdq_config, fixed_bits
+from fxquant.sdq.units import Unit, attach_dbps, expected_cost, layer_bits, search_units, with_ladders
 from tests.conftest import calibrate_bn
 
 FAST = SearchOptions(steps=2, interval=1)
@@ -115,8 +108,8 @@ def test_search_expectation_uses_the_ladder_below_each_unit():
     budget = Budget(latency_ms=1.0, target="host", cost_model="model", act_bits=4)
     config = _sdq_config(fxquant.QuantConfig(), budget, FAST)
     gm = fxquant.prepare(model, (_data(1)[0][0],), config)
-    from fxquant.passes.cost_model import layer_costs
-    from fxquant.passes.layer_graph import tie_groups
+    from fxquant.passes.analysis.cost_model import layer_costs
+    from fxquant.passes.analysis.layer_graph import tie_groups
 
     fw, fa = fixed_bits(gm, fxquant.QuantConfig(), budget)
     rng = random.Random(0)

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 import fxquant
 from fxquant.errors import ConfigError, FxQuantError
 from fxquant.layers import QuantLayer
-from fxquant.losses import SDQLoss, ebr_loss, ebr_terms, kd_loss, sdq_loss
 from fxquant.quantizers.grid import QuantGrid
-from fxquant.train import train_epoch
+from fxquant.training.loop import train_epoch
+from fxquant.training.losses import SDQLoss, ebr_loss, ebr_terms, kd_loss, sdq_loss
 from tests.passes.test_layer_graph import tiny_res
 
 

@@ -9,7 +9,7 @@ import pytest
 from torch import nn
 
 from fxquant import ConfigError
-from fxquant.model_spec import ModelSpec
+from fxquant.io.model_spec import ModelSpec
 
 
 def test_builds_with_kwargs_and_round_trips() -> None:

@@ -17,9 +17,9 @@ import torch
 
 import fxquant
 from fxquant import CheckpointError, ConfigError
-from fxquant.checkpoint import Checkpoint, load_prepared, load_reference, save_checkpoint
-from fxquant.cli import main
-from fxquant.model_spec import ModelSpec, ModelTrust
+from fxquant.cli.main import main
+from fxquant.io.checkpoint import Checkpoint, load_prepared, load_reference, save_checkpoint
+from fxquant.io.model_spec import ModelSpec, ModelTrust
 from tests.conftest import TinyNet
 
 SHAPE = (1, 28, 28)  # fashion-mnist, so commands that read data get as far as the model
@@ -111,7 +111,7 @@ def test_passing_the_model_needs_no_trust(tiny_checkpoint, workdir: Path) -> Non
 
 
 def test_named_spec_must_be_a_model_builder() -> None:
-    for target in ("os:system", "builtins:exec", "subprocess:check_call", "fxquant.model_spec:ModelSpec"):
+    for target in ("os:system", "builtins:exec", "subprocess:check_call", "fxquant.io.model_spec:ModelSpec"):
         with pytest.raises(ConfigError, match=rf"{target}: the target is .* not declared to build a torch.nn"):
             ModelSpec(target).build()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fxquant.output_files import (
+from fxquant.io.output_files import (
     STALE_AFTER_S,
     Output,
     OutputError,
@@ -127,7 +127,7 @@ def test_force_replaces_only_folders_the_owner_check_accepts(tmp_path: Path) -> 
 def test_folder_replacement_interrupted_between_renames_is_recovered(tmp_path: Path, monkeypatch) -> None:
     """Without an atomic exchange the old folder is moved aside first; a crash before the new one is moved in
     leaves no folder at the path, and the next run puts the old one back."""
-    from fxquant import output_files
+    from fxquant.io import output_files
 
     target = tmp_path / "art"
     target.mkdir()
@@ -152,7 +152,7 @@ def test_folder_replacement_interrupted_between_renames_is_recovered(tmp_path: P
 
 
 def test_the_atomic_exchange_swaps_folders(tmp_path: Path) -> None:
-    from fxquant.output_files import _exchange
+    from fxquant.io.output_files import _exchange
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from fxquant.errors import ConfigError
-from fxquant.report import RunReport, jsonable
+from fxquant.io.run_report import RunReport, jsonable
 
 
 def make(tmp_path: Path, name: str) -> dict:

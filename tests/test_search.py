@@ -7,21 +7,14 @@ import torch.nn.functional as F
 
 import fxquant
 from fxquant import Budget, BudgetError, CheckpointError, ConfigError, SearchOptions
-from fxquant.data import TensorBatches
+from fxquant.data.fashion_mnist import TensorBatches
 from fxquant.layers import QuantLayer
-from fxquant.passes.cost_model import LayerCost, layer_costs, plan_cost
-from fxquant.passes.layer_graph import TiePolicy, tie_groups
-from fxquant.passes.sdq_search import (
-    Unit,
-    attach_dbps,
-    expected_cost,
-    layer_bits,
-    round_to_budget,
-    search_units,
-    sensitivity_scales,
-)
+from fxquant.passes.analysis.cost_model import LayerCost, layer_costs, plan_cost
+from fxquant.passes.analysis.layer_graph import TiePolicy, tie_groups
 from fxquant.quantizers.sdq import StochasticBitwidthQuantizer, gumbel_sigmoid
-from fxquant.search import fixed_bits
+from fxquant.sdq.rounding import round_to_budget, sensitivity_scales
+from fxquant.sdq.search import fixed_bits
+from fxquant.sdq.units import Unit, attach_dbps, expected_cost, layer_bits, search_units
 from tests.passes.test_layer_graph import tiny_res
 
 LAYERS = ["stem", "a", "b", "short", "c", "fc"]
@@ -141,7 +134,7 @@ def test_sdq_is_a_registered_quantizer_whose_hard_form_converts_exactly():
 
 
 def _sdq_prepared(budget: Budget, ties: TiePolicy | None = None):
-    from fxquant.search import _sdq_config
+    from fxquant.sdq.search import _sdq_config
 
     config = fxquant.QuantConfig(quantizer="dsq")
     gm = fxquant.prepare(tiny_res(), _example(), _sdq_config(config, budget, SearchOptions()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxquant.state_codec import decode_state, encode_state
+from fxquant.io.state_codec import decode_state, encode_state
 
 
 def test_round_trip_keeps_types() -> None:

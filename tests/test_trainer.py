@@ -10,9 +10,9 @@ import torch
 
 import fxquant
 from fxquant import CheckpointError
-from fxquant.checkpoint import Checkpoint
-from fxquant.data import TensorBatches
-from fxquant.trainer import QATTrainer, TrainSettings
+from fxquant.data.fashion_mnist import TensorBatches
+from fxquant.io.checkpoint import Checkpoint
+from fxquant.training.trainer import QATTrainer, TrainSettings
 from tests.conftest import TinyNet, calibrate_bn
 
 SETTINGS = TrainSettings(data="random", epochs=2, batch_size=4, lr=0.05)
@@ -63,7 +63,7 @@ def test_resumed_run_equals_the_uninterrupted_one(prepared, stop_after: int) -> 
 def test_quantizer_schedules_follow_the_global_step(prepared, monkeypatch) -> None:
     trainer = trainer_for(prepared)
     seen = []
-    monkeypatch.setattr("fxquant.trainer.update_schedules", lambda model, progress: seen.append(progress))
+    monkeypatch.setattr("fxquant.training.trainer.update_schedules", lambda model, progress: seen.append(progress))
     trainer.run(max_steps=4)
     assert seen == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6])
 
@@ -81,3 +81,9 @@ def test_state_from_other_settings_is_refused(prepared) -> None:
 def test_invalid_settings_name_the_option(bad) -> None:
     with pytest.raises(fxquant.ConfigError, match=f"{next(iter(bad))}=.* is invalid"):
         TrainSettings(**bad)
+
+
+def test_settings_round_trip_and_unknown_keys_are_named() -> None:
+    assert TrainSettings.from_dict(SETTINGS.to_dict()) == SETTINGS
+    with pytest.raises(fxquant.ConfigError, match=r"unknown training setting\(s\) \['epoch'\]; allowed: .*epochs"):
+        TrainSettings.from_dict({**SETTINGS.to_dict(), "epoch": 3})

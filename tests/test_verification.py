@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxquant.verification import VerificationError, compare
+from fxquant.tools.verification import VerificationError, compare
 
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:

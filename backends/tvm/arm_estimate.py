@@ -27,8 +27,14 @@ import subprocess
 from dataclasses import dataclass
 
 from fxquant.backends.tvm.arm_cores import ArmCore, arm_core
+from fxquant.backends.tvm.build import arm_target_dict
+from fxquant.backends.tvm.kernels import conv2d_primfunc
 from fxquant.backends.tvm.kernels.geometry import ConvGeometry
+from fxquant.backends.tvm.kernels.layout import MAX_CHUNK, OC_BLOCK
+from fxquant.backends.tvm.kernels.microkernel import paired_runs
+from fxquant.backends.tvm.kernels.schedule_arm import NeonIsa
 from fxquant.errors import BackendError
+from fxquant.integer import IntegerConv2d
 
 __all__ = [
     "Instruction",
@@ -314,9 +320,6 @@ def _reference_assembly(core: ArmCore) -> str:
     import torch
     import tvm
 
-    from fxquant.backends.tvm.build import arm_target_dict
-    from fxquant.backends.tvm.kernels import conv2d_primfunc
-    from fxquant.integer import IntegerConv2d
 
     out_c, in_c, k, size = REFERENCE_LAYER
     codes = torch.randint(0, 2, (out_c, in_c, k, k), generator=torch.Generator().manual_seed(0))
@@ -431,9 +434,6 @@ def estimate_bitserial(
     layer is taken as perfectly divisible: ``macs * wb * ab`` one-bit MACs in hot-loop iterations and one chunk
     per 31 words, nothing else.
     """
-    from fxquant.backends.tvm.kernels.layout import MAX_CHUNK, OC_BLOCK
-    from fxquant.backends.tvm.kernels.microkernel import paired_runs
-    from fxquant.backends.tvm.kernels.schedule_arm import NeonIsa
 
     core = _core(core)
     loop = hot_loop(core)

@@ -1,6 +1,6 @@
 """The ``"tvm-arm"`` artifact folder: ``model.so`` (aarch64), ``manifest.json`` and ``run_model.py``.
 
-The folder is built in a temporary sibling and swapped into place (:func:`fxquant.output_files.publish_folder`),
+The folder is built in a temporary sibling and swapped into place (:func:`fxquant.io.output_files.publish_folder`),
 so a reader never sees half an artifact; an existing folder is replaced only with ``force=True`` and only when
 it holds nothing but an artifact's files (:func:`artifact_owner`), so ``force`` never deletes a user's files.
 The manifest records the sha256 of ``model.so`` and every reader checks it, so a truncated or corrupted
@@ -21,7 +21,7 @@ from tvm.support import cc
 from fxquant.backends.tvm.build import ARM_TRIPLE
 from fxquant.backends.tvm.manifest import FORMAT, manifest_json, report, sha256_file
 from fxquant.errors import BackendError
-from fxquant.output_files import manifest_owner, publish_folder, staging_folder
+from fxquant.io.output_files import manifest_owner, publish_folder, staging_folder
 
 __all__ = ["Artifact", "export_artifact", "load_manifest", "verify_artifact", "cross_compiler_name", "ARTIFACT_FILES",
            "artifact_owner"]

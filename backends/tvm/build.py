@@ -7,7 +7,6 @@ fusion first, applies :class:`~fxquant.backends.tvm.schedule_rules.CpuGeneric` t
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,27 +15,18 @@ from typing import Any
 import tvm
 from tvm import relax
 from tvm.s_tir import dlight
-from tvm.target.codegen import llvm_cpu_has_features, llvm_get_system_cpu, llvm_get_system_triple
+from tvm.target.codegen import llvm_cpu_has_features
 
 from fxquant.backends.tvm.arm_cores import arm_core
 from fxquant.backends.tvm.schedule_rules import CpuGeneric, unscheduled_functions
 from fxquant.errors import BackendError, ConfigError
+from fxquant.tvm_host import host_target_dict
 
 __all__ = [
     "BuildResult", "has_feature", "host_target_dict", "arm_target_dict", "make_target", "compile_module", "ARM_TRIPLE",
 ]
 
 ARM_TRIPLE = "aarch64-linux-gnu"
-
-
-def host_target_dict() -> dict[str, Any]:
-    """The machine we run on: its LLVM cpu name (so AVX2/FMA/POPCNT are used when present) and core count."""
-    return {
-        "kind": "llvm",
-        "mtriple": llvm_get_system_triple(),
-        "mcpu": llvm_get_system_cpu(),
-        "num-cores": os.cpu_count() or 1,
-    }
 
 
 def arm_target_dict(cpu: str = "generic") -> dict[str, Any]:

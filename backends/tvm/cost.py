@@ -28,9 +28,10 @@ import torch
 import tvm
 from tvm import tirx
 
+from fxquant.backends.tvm.arm_estimate import estimate_bitserial_us
 from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry
 from fxquant.integer import IntegerLayer
-from fxquant.tvm_threads import ensure_pool_size
+from fxquant.tvm_host import ensure_pool_size
 
 __all__ = ["KernelPlan", "HostTimer", "StaticModel", "KernelMismatch", "cost_cache_path", "host_identity"]
 
@@ -177,8 +178,6 @@ class StaticModel:
 
     def _arm_bitserial_us(self, layer: IntegerLayer, geom: ConvGeometry | DenseGeometry) -> float:
         """The named core's hot loop as generated (llvm-mca, or an instruction count without it; docs/arm.md)."""
-        from fxquant.backends.tvm.arm_estimate import estimate_bitserial_us
-
         return estimate_bitserial_us(self.cpu or "generic", geom.macs, layer.weight_bits, layer.act_bits)
 
     def _rate(self, plan: KernelPlan) -> tuple[float, float]:

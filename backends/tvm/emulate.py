@@ -10,8 +10,6 @@ is for checking that the deployed bits compute what the host build computes.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
@@ -19,7 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
+from fxquant.backends.tvm.aarch64_env import (
+    QEMU,
+    SETUP_HINT,
+    cache_dir,
+    emulation_available,
+    emulation_missing,
+    qemu_python_command,
+)
 from fxquant.backends.tvm.artifact import verify_artifact
+from fxquant.backends.tvm.native_runner import cached_runner, runner_missing
 from fxquant.errors import BackendError, InputError
 
 __all__ = [
@@ -33,51 +40,11 @@ __all__ = [
     "QEMU",
 ]
 
-QEMU = "qemu-aarch64"
-SETUP_HINT = "run `bash .ci/setup-arm` as root"
-
-
-def cache_dir() -> Path:
-    """``$FXQUANT_AARCH64_CACHE`` or ``<repo>/.cache/aarch64``."""
-    override = os.environ.get("FXQUANT_AARCH64_CACHE")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / ".cache" / "aarch64"
-
-
-def _python() -> Path:
-    return cache_dir() / "sysroot" / "usr" / "bin" / "python3.11"
-
-
-def emulation_missing() -> list[str]:
-    """What is missing for :func:`run_under_qemu` (empty when everything is there)."""
-    missing = []
-    if shutil.which(QEMU) is None:
-        missing.append(f"{QEMU} (apt package qemu-user)")
-    if not _python().is_file():
-        missing.append(f"aarch64 Python sysroot at {_python()}")
-    if not (cache_dir() / "site" / "tvm").is_dir():
-        missing.append(f"aarch64 TVM runtime at {cache_dir() / 'site'}")
-    return missing
-
-
-def emulation_available() -> bool:
-    """True when qemu-aarch64, the aarch64 Python and the aarch64 site folder are all present."""
-    return not emulation_missing()
-
-
-def qemu_python_command(script: str | Path, *args: str) -> list[str]:
-    """The command line that runs ``script`` with the cached aarch64 Python and TVM runtime under qemu."""
-    site, sysroot = cache_dir() / "site", cache_dir() / "sysroot"
-    return [QEMU, "-L", str(sysroot), "-E", f"PYTHONPATH={site}", "-E", "TVM_USE_RUNTIME_LIB=1",
-            "-E", "PYTHONDONTWRITEBYTECODE=1", str(_python()), str(script), *args]
-
-
 def _python_runner(artifact_dir: Path) -> list[str]:
     return qemu_python_command(artifact_dir / "run_model.py")
 
 
 def _native_runner(artifact_dir: Path) -> list[str]:
-    from fxquant.backends.tvm.native_runner import cached_runner
-
     return [QEMU, "-L", str(cache_dir() / "sysroot"), str(cached_runner())]
 
 
@@ -87,8 +54,6 @@ RUNNERS: dict[str, Callable[[Path], list[str]]] = {"python": _python_runner, "na
 
 def default_runner() -> str:
     """``"native"`` (starts in seconds under qemu) when it can be built here, else ``"python"`` (minutes)."""
-    from fxquant.backends.tvm.native_runner import runner_missing
-
     return "python" if runner_missing() else "native"
 
 

@@ -25,7 +25,7 @@ from fxquant.backends.tvm.options import TvmOptions
 from fxquant.backends.tvm.relax_frontend import tvm_converter
 from fxquant.backends.tvm.selection import bitserial_module
 from fxquant.errors import BackendError, ConfigError, UnsupportedOpError
-from fxquant.tvm_threads import default_threads
+from fxquant.tvm_host import default_threads
 
 __all__ = [
     "MODULE_CONVERTERS",

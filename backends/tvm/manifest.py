@@ -14,10 +14,10 @@ from typing import Any
 
 import tvm
 
-import fxquant
 from fxquant.backends.tvm.build import BuildResult
 from fxquant.backends.tvm.lower import LoweredGraph
 from fxquant.backends.tvm.options import TvmOptions
+from fxquant.version import __version__
 
 __all__ = ["FORMAT", "build_manifest", "manifest_json", "report", "sha256_file"]
 
@@ -48,7 +48,7 @@ def build_manifest(
     return {
         "format": FORMAT,
         "backend": backend,
-        "fxquant_version": fxquant.__version__,
+        "fxquant_version": __version__,
         "tvm_version": tvm.__version__,
         "target": _target_json(target),
         "target_features": build.features,

@@ -20,9 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fxquant.backends.tvm.aarch64_env import SETUP_HINT, cache_dir
 from fxquant.backends.tvm.artifact import cross_compiler_name
 from fxquant.backends.tvm.cost import cost_cache_path
-from fxquant.backends.tvm.emulate import SETUP_HINT, cache_dir
 from fxquant.errors import BackendError
 
 __all__ = ["RUNNER_NAME", "RUNNER_SOURCE", "RUNTIME_LIBRARIES", "build_runner", "cached_runner", "runner_missing"]

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from fxquant.config import reject_unknown_fields
 from fxquant.errors import ConfigError
+from fxquant.validate import reject_unknown_fields
 
 __all__ = ["TvmOptions", "ArmOptions", "DEFAULT_BITSERIAL_MAX_BITS", "KERNELS", "COST_MODELS", "ARM_CPUS"]
 

@@ -14,7 +14,7 @@ from fxquant.backends.tvm.lower import TensorSpec
 from fxquant.backends.tvm.manifest import report
 from fxquant.errors import BackendError, InputError
 from fxquant.input_guard import check_finite
-from fxquant.tvm_threads import check_threads, default_threads, ensure_pool_size
+from fxquant.tvm_host import check_threads, default_threads, ensure_pool_size
 
 __all__ = ["TvmModule", "check_inputs"]
 

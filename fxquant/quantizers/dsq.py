@@ -19,10 +19,11 @@ import math
 import torch
 from torch import nn
 
-from fxquant.quantizers import kernels
+from fxquant.errors import ConfigError
 from fxquant.quantizers.base import Quantizer, block_scratch, elementwise_blocks, search_clip_range, split_blocks
+from fxquant.quantizers.compiled import dsq as dsq_kernels
+from fxquant.quantizers.compiled.runtime import kernels_enabled
 from fxquant.quantizers.grid import QuantGrid
-from fxquant.quantizers.kernels import dsq as dsq_kernels
 from fxquant.quantizers.registry import register_quantizer
 
 __all__ = ["DSQQuantizer", "dsq_soft"]
@@ -92,7 +93,7 @@ def _soft_terms(x, grad, low, step, n, two_k, two_s_k, grad_x, tc, frac, sig, ma
 
 
 def _torch_block_sums(x, grad, grad_x, start, low, step, n, consts) -> torch.Tensor:
-    """The backward's seven sums (see ``kernels.dsq.dsq_backward``) from element ``start`` on, in cached blocks."""
+    """The backward's seven sums (see ``compiled.dsq.dsq_backward``) from element ``start`` on, in cached blocks."""
     pieces = split_blocks(*(t.view(-1)[start:] for t in (x, grad, grad_x)))
     scratch = block_scratch(6, x.numel() - start, x)
     # per block: Σ g·tc, Σ g·frac, Σ g·σ (one product) and Σ g, Σ g_x·tc, Σ g_x, Σ g·σ(1 − σ)·2K r
@@ -134,7 +135,7 @@ class _DSQStraightThrough(torch.autograd.Function):
         zero = None if low_is_zero else low
         head = 0
         kernel = dsq_kernels.forward_kernel(has_low=not low_is_zero)
-        if low.numel() == 1 and step.numel() == 1 and kernels.kernels_enabled(kernel, x):
+        if low.numel() == 1 and step.numel() == 1 and kernels_enabled(kernel, x):
             head = dsq_kernels.dsq_forward(x, out, None if zero is None else float(low), float(step), n)
         if head or elementwise_blocks(x, low, step):  # the rest of a contiguous tensor, in cached blocks
             for xb, outb in split_blocks(*(t.view(-1)[head:] for t in (x, out))):
@@ -154,7 +155,7 @@ class _DSQStraightThrough(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x = torch.empty_like(x)
         per_tensor = low.numel() == 1 and step.numel() == 1
-        use_kernel = per_tensor and kernels.kernels_enabled("dsq_backward", x)
+        use_kernel = per_tensor and kernels_enabled("dsq_backward", x)
         if not (use_kernel or x.is_contiguous() and elementwise_blocks(grad, low, step)):
             # weights (per channel), small tensors, compiled graphs: a few whole-tensor passes
             terms = torch.empty((6, *x.shape), dtype=x.dtype, device=x.device)
@@ -200,8 +201,6 @@ class DSQQuantizer(Quantizer):
         super().__init__(bits, role, channels, options)
         alpha = float(self.options["alpha"])
         if not 0.0 < alpha < 0.5:
-            from fxquant.errors import ConfigError
-
             raise ConfigError(f"quantizer_options alpha={alpha!r} is invalid: DSQ needs 0 < alpha < 0.5")
         self.upper = nn.Parameter(torch.ones(self.num_params if role == "weight" else ()))
         if role == "activation":

@@ -46,10 +46,10 @@ import torch
 from torch import nn
 
 from fxquant.errors import ConfigError
-from fxquant.quantizers import kernels
 from fxquant.quantizers.base import Quantizer, Role, block_scratch, elementwise_blocks, split_blocks
+from fxquant.quantizers.compiled import lcq as lcq_kernels
+from fxquant.quantizers.compiled.runtime import kernels_enabled
 from fxquant.quantizers.grid import QuantGrid, requantize_levels, threshold_codes
-from fxquant.quantizers.kernels import lcq as lcq_kernels
 from fxquant.quantizers.lsq import grad_scale
 from fxquant.quantizers.registry import register_quantizer
 
@@ -187,7 +187,7 @@ class _LCQFunction(torch.autograd.Function):
         if companded:
             combos = gamma.numel() * (s + 1)
             kernel_code = lcq_kernels.code_dtype(combos)
-            use_kernel = alpha.numel() == 1 and kernels.kernels_enabled(
+            use_kernel = alpha.numel() == 1 and kernels_enabled(
                 lcq_kernels.kernel_name("forward", symmetric, kernel_code), x
             )
             small = torch.uint8 if combos <= 256 else torch.int16 if combos <= 2**15 else torch.int32
@@ -227,7 +227,7 @@ class _LCQFunction(torch.autograd.Function):
         grad_x = torch.empty_like(x)
         head, kernel_sums = 0, None
         kernel = lcq_kernels.kernel_name("backward", symmetric, code.dtype) if companded else None
-        if kernel is not None and alpha.numel() == 1 and kernels.kernels_enabled(kernel, x):
+        if kernel is not None and alpha.numel() == 1 and kernels_enabled(kernel, x):
             head, kernel_sums, kernel_by_code = lcq_kernels.lcq_backward(
                 x, grad, code, grad_x, *tables, float(alpha), symmetric
             )

@@ -56,10 +56,10 @@ import torch
 from torch import nn
 
 from fxquant.errors import ConfigError
-from fxquant.quantizers import kernels
 from fxquant.quantizers.base import Quantizer, Role, search_clip_range
+from fxquant.quantizers.compiled import qn as qn_kernels
+from fxquant.quantizers.compiled.runtime import kernels_enabled
 from fxquant.quantizers.grid import QuantGrid, requantize_levels
-from fxquant.quantizers.kernels import qn as qn_kernels
 from fxquant.quantizers.registry import register_quantizer
 
 __all__ = ["QNQuantizer", "qn_soft", "qn_hard", "kmeans_1d", "kmeans_thresholds", "LEVEL_CHOICES"]
@@ -178,7 +178,7 @@ class _QNSoft(torch.autograd.Function):
 
 class _QNEvenFused(torch.autograd.Function):
     """``α·(S(βx) + q_0)`` for evenly spaced thresholds with per-tensor α, β: the TVM kernels of
-    ``fxquant.quantizers.kernels.qn`` over whole blocks, :class:`_QNSoft`'s arithmetic for the tail.
+    ``fxquant.quantizers.compiled.qn`` over whole blocks, :class:`_QNSoft`'s arithmetic for the tail.
 
     Same values and gradients as ``alpha * (_QNSoft.apply(beta * x, ...) + q_0)`` (to float32 rounding), in
     one pass forward and one backward instead of a dozen; ``D = S'(βx)`` is the one tensor kept.
@@ -260,7 +260,7 @@ def qn_soft(
     if evenly_spaced and alpha.numel() == 1 and beta.numel() == 1 and biases.numel() > 1 and float(alpha.detach()) != 0:
         width = _window_width(biases, 2.0 * CLAMP / float(t))
         kernel = qn_kernels.forward_kernel(float(t), float(biases[1] - biases[0]))
-        if width < biases.numel() and kernels.kernels_enabled(kernel, x):
+        if width < biases.numel() and kernels_enabled(kernel, x):
             return _QNEvenFused.apply(x, alpha, beta, biases, heights, t, float(targets[0]), width)
     return alpha * (_QNSoft.apply(beta * x, biases, heights, t, evenly_spaced) + targets[0])
 

@@ -1,4 +1,8 @@
-"""Name → quantizer class. Schemes register themselves with :func:`register_quantizer`."""
+"""Name → quantizer class. Schemes register themselves with :func:`register_quantizer`.
+
+Importing this module imports its package first, and the package imports every built-in scheme: the
+registry is complete whenever it can be called.
+"""
 
 from __future__ import annotations
 
@@ -22,17 +26,11 @@ def register_quantizer(name: str) -> Callable[[type], type]:
     return decorate
 
 
-def _load_builtin() -> None:
-    import fxquant.quantizers  # noqa: F401  (importing the package registers the built-in schemes)
-
-
 def available_quantizers() -> list[str]:
-    _load_builtin()
     return sorted(_REGISTRY)
 
 
 def get_quantizer(name: str) -> type:
-    _load_builtin()
     if name not in _REGISTRY:
         raise ConfigError(f"quantizer={name!r} is not a known quantizer; allowed: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]

@@ -18,7 +18,7 @@ here are ours (ALGORITHMS.md, "SDQ: our design where the paper is silent"):
 - :meth:`step_down` moves to ``b − 1``, resets ``θ`` and that record, and re-initialises the base range at the
   next forward (a range fitted to 8 bits wastes most levels at 3). At ``min_bits`` it is deterministic.
 
-The search (:mod:`fxquant.passes.sdq_search`) drives the step-downs and shares one ``θ`` (and one noise
+The search (:mod:`fxquant.sdq.loop`) drives the step-downs and shares one ``θ`` (and one noise
 draw, through :attr:`noise`) between tied layers; used on its own (``QuantConfig(quantizer="sdq")``) the
 quantizer trains with stochastic precision at fixed ``b``.
 """
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxquant.config import MAX_BITS, MIN_BITS
+from fxquant.bits import check_bits
 from fxquant.errors import ConfigError
 from fxquant.quantizers.base import Quantizer, Role
 from fxquant.quantizers.grid import QuantGrid
@@ -92,8 +92,7 @@ class StochasticBitwidthQuantizer(Quantizer):
             raise ConfigError(f"quantizer_options base_options={base_options!r} must be a mapping")
         get_quantizer(base).validate_options(dict(base_options))
         floor = options.get("min_bits", cls.OPTIONS["min_bits"])
-        if isinstance(floor, bool) or not isinstance(floor, int) or not MIN_BITS <= floor <= MAX_BITS:
-            raise ConfigError(f"quantizer_options min_bits={floor!r} is invalid: expected {MIN_BITS}..{MAX_BITS}")
+        check_bits("quantizer_options min_bits", floor)
         temperature = options.get("temperature", cls.OPTIONS["temperature"])
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ConfigError(f"quantizer_options temperature={temperature!r} is invalid: expected a number > 0")

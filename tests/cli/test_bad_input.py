@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
-from fxquant.cli import main
-from fxquant.data import FASHION_MNIST_DIR
-from fxquant.model_spec import ModelSpec
+from fxquant.cli.main import main
+from fxquant.data.fashion_mnist import FASHION_MNIST_DIR
+from fxquant.io.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
+from fxquant.io.model_spec import ModelSpec
 from fxquant.quantizers.registry import available_quantizers
 
 SPEC = ModelSpec("fxquant.models:resnet_small")
@@ -154,8 +154,8 @@ def test_checkpoint_from_another_architecture_lists_the_differences(prepared: Pa
     [
         (lambda raw: raw[: len(raw) // 2], r"is truncated: the payload has \d+ bytes, the header says \d+"),
         (lambda raw: raw[:-100] + bytes(b ^ 0xFF for b in raw[-100:]), r"is corrupted: payload sha256 \w+"),
-        (lambda raw: raw.replace(b"fxquant.checkpoint/1", b"fxquant.checkpoint/9", 1),
-         r"checkpoint format 'fxquant.checkpoint/9' \(written by fxquant [\d.]+\) is not supported"),
+        (lambda raw: raw.replace(b"fxquant.io.checkpoint/1", b"fxquant.io.checkpoint/9", 1),
+         r"checkpoint format 'fxquant.io.checkpoint/9' \(written by fxquant [\d.]+\) is not supported"),
         (lambda raw: raw[:30], r"header is truncated or corrupted"),
         (lambda raw: b"PK\x03\x04" + raw[4:], r"is not an fxquant checkpoint \(a plain torch.save file"),
         (lambda raw: b"", r"is not an fxquant checkpoint \(an empty file"),
@@ -343,7 +343,7 @@ def test_unwritable_output_folder_fails_before_the_work(prepared: Path, capsys, 
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, m: False if Path(p).resolve() == Path("ro").resolve()
                         else real_access(p, m))
-    monkeypatch.setattr("fxquant.cli_convert.read_checkpoint", lambda path: pytest.fail("the work started"))
+    monkeypatch.setattr("fxquant.cli.convert.read_checkpoint", lambda path: pytest.fail("the work started"))
     code, err = run(capsys, "convert", "prepared.ckpt", "-o", "ro/ref.ckpt", "--report", "r.json")
     assert code == 1 and err.endswith("-o ro/ref.ckpt: folder ro is not writable"), err
 
@@ -385,7 +385,7 @@ def test_force_never_replaces_a_folder_fxquant_did_not_write(prepared: Path, cap
 
 
 def test_a_second_run_on_a_locked_output_fails_at_once_and_writes_nothing(prepared: Path, capsys) -> None:
-    from fxquant.output_files import output_lock
+    from fxquant.io.output_files import output_lock
 
     assert run(capsys, "convert", "prepared.ckpt", "-o", "ref.ckpt")[0] == 0
     before = files(prepared.parent)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fxquant.checkpoint import read_checkpoint
-from fxquant.data import FASHION_MNIST_DIR
+from fxquant.data.fashion_mnist import FASHION_MNIST_DIR
+from fxquant.io.checkpoint import read_checkpoint
 
 pytestmark = pytest.mark.skipif(
     not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(), reason="dataset-fashion-mnist is not installed"

@@ -16,9 +16,9 @@ import torch
 
 import fxquant
 from fxquant.backends.tvm.emulate import emulation_available, emulation_missing
-from fxquant.checkpoint import Checkpoint, save_checkpoint
-from fxquant.cli import main
-from fxquant.model_spec import ModelSpec
+from fxquant.cli.main import main
+from fxquant.io.checkpoint import Checkpoint, save_checkpoint
+from fxquant.io.model_spec import ModelSpec
 from tests.conftest import calibrate_bn
 
 pytest.importorskip("fxquant.backends.tvm")

@@ -7,7 +7,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 import fxquant
 from fxquant.errors import ConfigError
-from fxquant.passes.cost_model import (
+from fxquant.passes.analysis.cost_model import (
     COST_META,
     avg_weight_bits,
     bitops,

@@ -3,7 +3,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxquant
-from fxquant.passes.layer_graph import TIES_META, TiePolicy, layer_graph, tie_groups
+from fxquant.passes.analysis.layer_graph import TIES_META, TiePolicy, layer_graph, tie_groups
 from fxquant.passes.trace import trace
 from tests.conftest import calibrate_bn
 

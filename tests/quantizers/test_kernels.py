@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fxquant.quantizers.compiled import KERNEL_BLOCK, kernels_enabled, runtime
+from fxquant.quantizers.compiled import qn as qn_kernels
 from fxquant.quantizers.dsq import _DSQStraightThrough
-from fxquant.quantizers.kernels import KERNEL_BLOCK, kernels_enabled, runtime
-from fxquant.quantizers.kernels import qn as qn_kernels
 from fxquant.quantizers.lcq import compander, lcq_quantize
 from fxquant.quantizers.qn import qn_soft
 

@@ -8,7 +8,7 @@ import torch
 import tvm
 
 import fxquant
-from fxquant.tvm_threads import default_threads
+from fxquant.tvm_host import default_threads
 from tests.backends.tvm.helpers import ResidualNet, quantized
 
 

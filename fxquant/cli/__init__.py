@@ -1,0 +1,1 @@
+"""The `fxquant` command line: one module per subcommand, and what they share (`common`)."""

@@ -1,0 +1,1 @@
+"""Datasets the pipeline trains and verifies on: Fashion-MNIST held in memory, image folders, named by one string."""

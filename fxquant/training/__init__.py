@@ -1,0 +1,2 @@
+"""Quantization-aware training: the loop, the resumable trainer, device placement, losses, and the train/eval
+agreement check."""
