@@ -28,7 +28,7 @@ import torch
 import tvm
 from tvm import tirx
 
-from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry
+from fxquant.conv_geometry import ConvGeometry, DenseGeometry
 from fxquant.integer import IntegerLayer
 from fxquant.tvm_threads import ensure_pool_size
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from tvm import s_tir, te, tirx
 
-from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry
+from fxquant.conv_geometry import ConvGeometry, DenseGeometry
 
 __all__ = ["DirectKernel", "conv_layout", "direct_conv2d", "direct_dense", "OC_BLOCK", "DIRECT_VERSION"]
 

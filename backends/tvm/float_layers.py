@@ -19,7 +19,7 @@ from tvm import relax
 
 from fxquant.backends.tvm.context import Converter, LayerRecord, LoweringContext
 from fxquant.backends.tvm.direct import DirectKernel, direct_conv2d, direct_dense
-from fxquant.backends.tvm.geometry import DenseGeometry, conv_geometry
+from fxquant.conv_geometry import DenseGeometry, conv_geometry
 
 __all__ = ["MODULE_CONVERTERS", "rows_of", "unrows"]
 

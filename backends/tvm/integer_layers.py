@@ -21,9 +21,8 @@ from fxquant.backends.tvm.context import Converter, LayerRecord, LoweringContext
 from fxquant.backends.tvm.cost import KernelPlan
 from fxquant.backends.tvm.direct import DIRECT_VERSION, conv_layout, direct_conv2d, direct_dense
 from fxquant.backends.tvm.float_layers import rows_of, unrows
-from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry, conv_geometry
 from fxquant.backends.tvm.kernels.dot import KERNEL_VERSION as DOT_VERSION
-from fxquant.backends.tvm.kernels.dot import chain_plan, dense_as_conv, dot_conv2d, dot_dense, select_dot_isa
+from fxquant.backends.tvm.kernels.dot import chain_plan, dot_conv2d, dot_dense, select_dot_isa
 from fxquant.backends.tvm.selection import (
     KernelChoice,
     bitserial_problem,
@@ -33,6 +32,7 @@ from fxquant.backends.tvm.selection import (
     value_ranges,
     weight_storage_dtype,
 )
+from fxquant.conv_geometry import ConvGeometry, DenseGeometry, conv_geometry
 from fxquant.errors import BackendError
 from fxquant.integer import IntegerConv2d, IntegerLayer, IntegerLinear
 
@@ -110,7 +110,7 @@ def _dot_plan(ctx: LoweringContext, layer: IntegerLayer, geom: ConvGeometry | De
     channels = geom.in_channels if isinstance(geom, ConvGeometry) else geom.in_features
     ranges = value_ranges(layer)
     isa = select_dot_isa(ctx.target, *ranges, kernel_w, channels)
-    conv = geom if isinstance(geom, ConvGeometry) else dense_as_conv(geom)
+    conv = geom if isinstance(geom, ConvGeometry) else geom.as_conv()
     chain = chain_plan(conv, isa, *ranges)
     key = ("dot", geom, isa.name, chain)
     build = dot_conv2d if isinstance(geom, ConvGeometry) else dot_dense

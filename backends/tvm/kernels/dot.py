@@ -40,11 +40,11 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 from fxquant.backends.tvm.build import has_feature
-from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry
+from fxquant.conv_geometry import ConvGeometry, DenseGeometry
 
 __all__ = [
     "Chain", "DotIsa", "DotKernel", "DOT_ISAS", "chain_plan", "select_dot_isa", "dot_conv2d", "dot_dense",
-    "dense_as_conv", "folds_kernel_columns",
+    "folds_kernel_columns",
     "KERNEL_VERSION",
 ]
 
@@ -574,12 +574,6 @@ def dot_conv2d(geom: ConvGeometry, isa: DotIsa, chain: Chain = Chain()) -> DotKe
     return _build(geom, isa, dense=False, chain=chain)
 
 
-def dense_as_conv(geom: DenseGeometry) -> ConvGeometry:
-    """A dense layer as the 1x1 convolution of a 1x1 image that the kernels compute."""
-    return ConvGeometry(geom.batch, geom.in_features, 1, 1, geom.out_features, (1, 1), (1, 1), (0, 0, 0, 0),
-                        (1, 1), 1)
-
-
 def dot_dense(geom: DenseGeometry, isa: DotIsa, chain: Chain = Chain()) -> DotKernel:
     """Scheduled dense ``(data int32 (N, K), packed weight, out int32 (N, O))``: a 1x1 convolution of a 1x1 image."""
-    return _build(dense_as_conv(geom), isa, dense=True, chain=chain)
+    return _build(geom.as_conv(), isa, dense=True, chain=chain)

@@ -8,7 +8,6 @@ import torch
 import tvm
 
 from fxquant.backends.tvm.build import host_target_dict, make_target
-from fxquant.backends.tvm.geometry import DenseGeometry, conv_geometry
 from fxquant.backends.tvm.kernels.dot import (
     DOT_ISAS,
     Chain,
@@ -18,6 +17,7 @@ from fxquant.backends.tvm.kernels.dot import (
     folds_kernel_columns,
     select_dot_isa,
 )
+from fxquant.conv_geometry import DenseGeometry, conv_geometry
 
 HOST = make_target(host_target_dict(), None)
 HOST_HAS_AVX2 = select_dot_isa(HOST, (0, 255), (-128, 127)).name in ("avx2", "avx512-vnni")
