@@ -51,9 +51,16 @@ def resolve_padding(
     return ph, pw, ph, pw
 
 
-def output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int, dilation: int) -> int:
-    """Output extent along one axis."""
-    return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
+def output_size(
+    size: int, kernel: int, stride: int, pad_before: int, pad_after: int, dilation: int, ceil_mode: bool = False
+) -> int:
+    """Output extent along one axis; ``ceil_mode`` as PyTorch's pools define it (a last window must start
+    inside the input or its leading padding)."""
+    span = size + pad_before + pad_after - dilation * (kernel - 1) - 1
+    if not ceil_mode:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    return out - 1 if (out - 1) * stride >= size + pad_before else out
 
 
 def macs_per_output(in_channels: int, groups: int, kernel: tuple[int, int]) -> int:

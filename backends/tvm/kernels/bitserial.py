@@ -32,7 +32,7 @@ from fxquant.integer import IntegerConv2d, IntegerLayer, IntegerLinear
 
 from .geometry import BitserialGeometry
 from .layout import pack_weights_array
-from .microkernel import PopcountIsa, build_bitserial
+from .microkernel import PopcountIsa, Tiling, build_bitserial
 from .schedule_arm import NeonIsa
 from .schedule_generic import GenericIsa
 from .schedule_x86 import Avx2Isa, Avx512PopcntIsa
@@ -46,6 +46,7 @@ __all__ = [
     "conv_geometry",
     "dense_geometry",
     "select_isa",
+    "layer_tiling",
 ]
 
 ENCODINGS = ("bipolar", "unsigned")
@@ -130,8 +131,21 @@ def _tag_isa(func: tirx.PrimFunc, isa: PopcountIsa) -> tirx.PrimFunc:
     return func.with_attr("fxquant.bitserial_isa", isa.name)
 
 
+def _geometry(layer: IntegerLayer, input_shape: tuple[int, ...]) -> BitserialGeometry:
+    if isinstance(layer, IntegerConv2d):
+        return conv_geometry(layer, input_shape)  # type: ignore[arg-type]
+    return dense_geometry(layer, input_shape)  # type: ignore[arg-type]
+
+
+def layer_tiling(layer: IntegerLayer, input_shape: tuple[int, ...], target: tvm.target.Target) -> Tiling:
+    """The register tile of ``layer`` on ``input_shape`` for ``target``: the one place a tiling is chosen (each
+    ISA's ``tiling`` rule, see ``schedule_*.py``); the builders take it as an argument."""
+    return select_isa(target).tiling(_geometry(layer, input_shape))
+
+
 def conv2d_primfunc(
-    layer: IntegerConv2d, input_shape: tuple[int, int, int, int], target: tvm.target.Target
+    layer: IntegerConv2d, input_shape: tuple[int, int, int, int], target: tvm.target.Target,
+    tiling: Tiling | None = None,
 ) -> tirx.PrimFunc:
     """Scheduled PrimFunc ``(codes, packed_weight, out)`` for one conv call on ``input_shape`` (NCHW).
 
@@ -143,10 +157,12 @@ def conv2d_primfunc(
         raise ValueError(f"layer {layer.name or 'conv'} is not bit-serial: {why}")
     geom = conv_geometry(layer, input_shape)
     isa = select_isa(target)
-    return _tag_isa(build_bitserial(geom, isa, isa.tiling(geom)), isa)
+    return _tag_isa(build_bitserial(geom, isa, tiling or isa.tiling(geom)), isa)
 
 
-def dense_primfunc(layer: IntegerLinear, input_shape: tuple[int, int], target: tvm.target.Target) -> tirx.PrimFunc:
+def dense_primfunc(
+    layer: IntegerLinear, input_shape: tuple[int, int], target: tvm.target.Target, tiling: Tiling | None = None
+) -> tirx.PrimFunc:
     """Scheduled PrimFunc ``(codes, packed_weight, out)`` for one dense call on ``(N, K)`` codes.
 
     Built as a 1x1 convolution of a 1x1 image; ``global_symbol`` is ``"bitserial_dense"``.
@@ -156,4 +172,4 @@ def dense_primfunc(layer: IntegerLinear, input_shape: tuple[int, int], target: t
         raise ValueError(f"layer {layer.name or 'linear'} is not bit-serial: {why}")
     geom = dense_geometry(layer, input_shape)
     isa = select_isa(target)
-    return _tag_isa(build_bitserial(geom, isa, isa.tiling(geom)), isa)
+    return _tag_isa(build_bitserial(geom, isa, tiling or isa.tiling(geom)), isa)

@@ -136,6 +136,9 @@ class Tiling:
     vec_blocks: int
     paired: bool = False
 
+    def as_dict(self) -> dict[str, int | bool]:
+        return {"tile_w": self.tile_w, "vec_blocks": self.vec_blocks, "paired": self.paired}
+
 
 def weight_rows(geom: BitserialGeometry) -> int:
     """Rows of ``OC_BLOCK`` words in the packed weights: (block, kh, kw, weight bit, word) flattened."""
