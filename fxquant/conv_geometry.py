@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from fxquant.errors import BackendError
 
 __all__ = [
+    "PADDING_MODES",
     "ConvGeometry",
     "DenseGeometry",
     "conv_geometry",
@@ -23,6 +24,9 @@ __all__ = [
     "output_size",
     "macs_per_output",
 ]
+
+#: PyTorch's string padding forms
+PADDING_MODES = ("valid", "same")
 
 
 def pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
@@ -46,7 +50,7 @@ def resolve_padding(
         if padding == "same":
             total_h, total_w = dilation[0] * (kernel[0] - 1), dilation[1] * (kernel[1] - 1)
             return total_h // 2, total_w // 2, total_h - total_h // 2, total_w - total_w // 2
-        raise BackendError(f"layer {name}: padding={padding!r} is not 'valid', 'same' or integers")
+        raise BackendError(f"layer {name}: padding={padding!r} is not one of {PADDING_MODES} or integers")
     ph, pw = pair(padding)
     return ph, pw, ph, pw
 

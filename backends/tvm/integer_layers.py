@@ -32,7 +32,7 @@ from fxquant.backends.tvm.selection import (
     value_ranges,
     weight_storage_dtype,
 )
-from fxquant.conv_geometry import ConvGeometry, DenseGeometry, conv_geometry
+from fxquant.conv_geometry import PADDING_MODES, ConvGeometry, DenseGeometry, conv_geometry
 from fxquant.errors import BackendError
 from fxquant.integer import IntegerConv2d, IntegerLayer, IntegerLinear
 
@@ -53,7 +53,7 @@ def integer_layer_problem(node: fx.Node, layer: nn.Module | None) -> str | None:
         return "per-channel activation thresholds are not supported"
     if layer.accumulator_bound > INT32_MAX:
         return f"accumulator bound {layer.accumulator_bound} overflows int32"
-    if isinstance(layer, IntegerConv2d) and isinstance(layer.padding, str) and layer.padding not in ("same", "valid"):
+    if isinstance(layer, IntegerConv2d) and isinstance(layer.padding, str) and layer.padding not in PADDING_MODES:
         return f"padding={layer.padding!r}"
     return None
 
