@@ -67,10 +67,10 @@ def host_cpu() -> str:
 
 
 def geometry(cin: int, cout: int, k: int, stride: int, size: int, wb: int, ab: int) -> Any:
-    from fxquant.backends.tvm.kernels.geometry import ConvGeometry
+    from fxquant.backends.tvm.kernels.geometry import BitserialGeometry
 
     pad = k // 2
-    return ConvGeometry(1, cin, size, size, cout, k, k, (stride, stride), (1, 1), (pad,) * 4, ab, wb, True)
+    return BitserialGeometry(1, cin, size, size, cout, k, k, (stride, stride), (1, 1), (pad,) * 4, ab, wb, True)
 
 
 def run(cores: list[str]) -> tuple[list[Row], dict[str, Any]]:

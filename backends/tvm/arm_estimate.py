@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from fxquant.backends.tvm.arm_cores import ArmCore, arm_core
 from fxquant.backends.tvm.build import arm_target_dict
 from fxquant.backends.tvm.kernels import conv2d_primfunc
-from fxquant.backends.tvm.kernels.geometry import ConvGeometry
+from fxquant.backends.tvm.kernels.geometry import BitserialGeometry
 from fxquant.backends.tvm.kernels.layout import MAX_CHUNK, OC_BLOCK
 from fxquant.backends.tvm.kernels.microkernel import paired_runs
 from fxquant.backends.tvm.kernels.schedule_arm import NeonIsa
@@ -417,14 +417,14 @@ class LayerEstimate:
         return self.hot_cycles + self.loop_cycles + self.chunk_cycles + self.tile_cycles + self.pack_cycles
 
 
-def _tiles(geom: ConvGeometry, tile_w: int) -> list[tuple[int, int]]:
+def _tiles(geom: BitserialGeometry, tile_w: int) -> list[tuple[int, int]]:
     """(pixels, how many) of the register tiles along one output row: full tiles and the tail."""
     full, tail = divmod(geom.out_w, tile_w)
     return [(tile_w, full)] + ([(tail, 1)] if tail else [])
 
 
 def estimate_bitserial(
-    core: ArmCore | str, macs: int, weight_bits: int, act_bits: int, geom: ConvGeometry | None = None
+    core: ArmCore | str, macs: int, weight_bits: int, act_bits: int, geom: BitserialGeometry | None = None
 ) -> LayerEstimate:
     """Modelled single-thread time of one bit-serial layer on ``core``, by part.
 
@@ -488,13 +488,13 @@ def _estimate(core: ArmCore, hot: float, loop: float, chunk: float, tile: float,
 
 
 def estimate_bitserial_us(
-    core: ArmCore | str, macs: int, weight_bits: int, act_bits: int, geom: ConvGeometry | None = None
+    core: ArmCore | str, macs: int, weight_bits: int, act_bits: int, geom: BitserialGeometry | None = None
 ) -> float:
     """Modelled single-thread microseconds of one bit-serial layer on ``core`` (see :func:`estimate_bitserial`)."""
     return estimate_bitserial(core, macs, weight_bits, act_bits, geom).us
 
 
-def layer_efficiency(core: ArmCore | str, geom: ConvGeometry) -> float:
+def layer_efficiency(core: ArmCore | str, geom: BitserialGeometry) -> float:
     """Ceiling time / modelled time of a whole bit-serial layer (packing and all overheads included)."""
     macs = geom.bit_ops // (geom.weight_bits * geom.act_bits)
     ceiling = popcount_ceiling_us(core, macs, geom.weight_bits, geom.act_bits)

@@ -18,10 +18,11 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ import tvm
 from tvm import tirx
 
 from fxquant.backends.tvm.arm_estimate import estimate_bitserial_us
-from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry
+from fxquant.conv_geometry import ConvGeometry, DenseGeometry
 from fxquant.integer import IntegerLayer
 from fxquant.tvm_host import ensure_pool_size
 
@@ -46,6 +47,7 @@ class KernelPlan:
     detail: str  # instruction choice or layout, e.g. "avx2"
     version: str  # bumped when the generated code changes (cache key)
     build: Callable[[], tuple[tirx.PrimFunc, np.ndarray]]
+    tiling: Mapping[str, Any] | None = None  # the family's tiling dataclass as plain data (the manifest's "tiling")
 
 
 class KernelMismatch(Exception):

@@ -19,13 +19,14 @@ from tvm import relax
 
 from fxquant.backends.tvm.context import Converter, LayerRecord, LoweringContext
 from fxquant.backends.tvm.direct import DirectKernel, direct_conv2d, direct_dense
-from fxquant.backends.tvm.geometry import DenseGeometry, conv_geometry
+from fxquant.conv_geometry import DenseGeometry, conv_geometry
 
 __all__ = ["MODULE_CONVERTERS", "rows_of", "unrows"]
 
 
-def _record(ctx: LoweringContext, node: fx.Node, module: nn.Module, layout: str, macs: int) -> None:
-    facts = {"name": str(node.target), "kind": type(module).__name__, "layout": layout, "macs": macs}
+def _record(ctx: LoweringContext, node: fx.Node, module: nn.Module, kernel: DirectKernel, macs: int) -> None:
+    facts = {"name": str(node.target), "kind": type(module).__name__, "layout": kernel.layout, "macs": macs,
+             "tiling": kernel.tiling.as_dict()}
     reason = "not quantized (kept float32)"
     ctx.layers.append(LayerRecord(str(node.target), type(module).__name__, "float", reason, facts))
 
@@ -47,7 +48,7 @@ def _direct_float(
     gv = ctx.add_kernel(kernel.func, name, key)
     weight = kernel.pack(module.weight.detach().float().numpy())
     out = ctx.bb.emit(relax.call_tir(gv, [x, relax.const(weight)], relax.TensorType(geom.output_shape, "float32")))
-    _record(ctx, node, module, kernel.layout, geom.macs)
+    _record(ctx, node, module, kernel, geom.macs)
     return _with_bias(ctx, out, module.bias, rank)
 
 

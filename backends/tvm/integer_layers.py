@@ -19,11 +19,10 @@ from tvm import relax
 from fxquant.backends.tvm import integer_ops
 from fxquant.backends.tvm.context import Converter, LayerRecord, LoweringContext
 from fxquant.backends.tvm.cost import KernelPlan
-from fxquant.backends.tvm.direct import DIRECT_VERSION, conv_layout, direct_conv2d, direct_dense
+from fxquant.backends.tvm.direct import DIRECT_VERSION, direct_conv2d, direct_dense, direct_tiling
 from fxquant.backends.tvm.float_layers import rows_of, unrows
-from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry, conv_geometry
 from fxquant.backends.tvm.kernels.dot import KERNEL_VERSION as DOT_VERSION
-from fxquant.backends.tvm.kernels.dot import chain_plan, dense_as_conv, dot_conv2d, dot_dense, select_dot_isa
+from fxquant.backends.tvm.kernels.dot import dot_conv2d, dot_dense, dot_tiling, select_dot_isa
 from fxquant.backends.tvm.selection import (
     KernelChoice,
     bitserial_problem,
@@ -33,6 +32,7 @@ from fxquant.backends.tvm.selection import (
     value_ranges,
     weight_storage_dtype,
 )
+from fxquant.conv_geometry import PADDING_MODES, ConvGeometry, DenseGeometry, conv_geometry
 from fxquant.errors import BackendError
 from fxquant.integer import IntegerConv2d, IntegerLayer, IntegerLinear
 
@@ -53,7 +53,7 @@ def integer_layer_problem(node: fx.Node, layer: nn.Module | None) -> str | None:
         return "per-channel activation thresholds are not supported"
     if layer.accumulator_bound > INT32_MAX:
         return f"accumulator bound {layer.accumulator_bound} overflows int32"
-    if isinstance(layer, IntegerConv2d) and isinstance(layer.padding, str) and layer.padding not in ("same", "valid"):
+    if isinstance(layer, IntegerConv2d) and isinstance(layer.padding, str) and layer.padding not in PADDING_MODES:
         return f"padding={layer.padding!r}"
     return None
 
@@ -94,15 +94,16 @@ def _rescale_constants(layer: IntegerLayer, input_shape: tuple[int, ...], acc_ra
 
 def _direct_plan(ctx: LoweringContext, layer: IntegerLayer, geom: ConvGeometry | DenseGeometry) -> KernelPlan:
     weight_dtype = weight_storage_dtype(layer)
-    key = ("direct", geom, weight_dtype)
+    tiling = direct_tiling(geom)
+    key = ("direct", geom, weight_dtype, tiling)
     build = direct_conv2d if isinstance(geom, ConvGeometry) else direct_dense
 
     def plan() -> tuple[Any, np.ndarray]:
-        kernel = ctx.cached(key, lambda: build(geom, "int32", weight_dtype, "int32"))
+        kernel = ctx.cached(key, lambda: build(geom, "int32", weight_dtype, "int32", tiling))
         return kernel.func, kernel.pack(layer.weight_int.detach().cpu().numpy())
 
-    layout = conv_layout(geom) if isinstance(geom, ConvGeometry) else "oc-vector"
-    return KernelPlan("direct", layout, DIRECT_VERSION, ctx.once(("plan",) + key + (layer.name,), plan))
+    once = ctx.once(("plan",) + key + (layer.name,), plan)
+    return KernelPlan("direct", tiling.layout, DIRECT_VERSION, once, tiling.as_dict())
 
 
 def _dot_plan(ctx: LoweringContext, layer: IntegerLayer, geom: ConvGeometry | DenseGeometry) -> KernelPlan:
@@ -110,32 +111,34 @@ def _dot_plan(ctx: LoweringContext, layer: IntegerLayer, geom: ConvGeometry | De
     channels = geom.in_channels if isinstance(geom, ConvGeometry) else geom.in_features
     ranges = value_ranges(layer)
     isa = select_dot_isa(ctx.target, *ranges, kernel_w, channels)
-    conv = geom if isinstance(geom, ConvGeometry) else dense_as_conv(geom)
-    chain = chain_plan(conv, isa, *ranges)
-    key = ("dot", geom, isa.name, chain)
+    tiling = dot_tiling(geom, isa, *ranges)
+    key = ("dot", geom, isa.name, tiling)
     build = dot_conv2d if isinstance(geom, ConvGeometry) else dot_dense
 
     def plan() -> tuple[Any, np.ndarray]:
-        kernel = ctx.cached(key, lambda: build(geom, isa, chain))
+        kernel = ctx.cached(key, lambda: build(geom, isa, tiling))
         return kernel.func, kernel.pack(layer.weight_int.detach().cpu().numpy().astype(np.int64))
 
-    return KernelPlan("dot", isa.name, DOT_VERSION, ctx.once(("plan",) + key + (layer.name,), plan))
+    once = ctx.once(("plan",) + key + (layer.name,), plan)
+    return KernelPlan("dot", isa.name, DOT_VERSION, once, tiling.as_dict())
 
 
 def _bitserial_plan(ctx: LoweringContext, layer: IntegerLayer, shape: tuple[int, ...]) -> KernelPlan:
     module = ctx.bitserial
     assert module is not None
     isa = module.select_isa(ctx.target).name if hasattr(module, "select_isa") else "bitserial"
+    # the module's tiling rule, where it has one (an older kernel module chooses inside its builders)
+    tiling = module.layer_tiling(layer, tuple(shape), ctx.target) if hasattr(module, "layer_tiling") else None
+    extra = {} if tiling is None else {"tiling": tiling}
 
     def plan() -> tuple[Any, np.ndarray]:
-        if isinstance(layer, IntegerConv2d):
-            func = module.conv2d_primfunc(layer, tuple(shape), ctx.target)
-        else:
-            func = module.dense_primfunc(layer, tuple(shape), ctx.target)
+        build = module.conv2d_primfunc if isinstance(layer, IntegerConv2d) else module.dense_primfunc
+        func = build(layer, tuple(shape), ctx.target, **extra)
         return func, np.ascontiguousarray(module.pack_weights(layer))
 
     version = getattr(module, "KERNEL_VERSION", "bitserial")
-    return KernelPlan("bitserial", isa, version, ctx.once(("plan", "bitserial", layer.name, shape), plan))
+    once = ctx.once(("plan", "bitserial", layer.name, shape), plan)
+    return KernelPlan("bitserial", isa, version, once, None if tiling is None else tiling.as_dict())
 
 
 def _candidates(
@@ -209,6 +212,7 @@ def _emit_integer_layer(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
     facts = {
         **layer.describe(),
         "layout": plan.detail,
+        "tiling": dict(plan.tiling or {}),
         "macs": geom.macs,
         "input_shape": list(shape),
         "output_shape": list(geom.output_shape),

@@ -18,6 +18,7 @@ from tvm import relax
 
 from fxquant.backends.tvm.context import Converter, LoweringContext
 from fxquant.backends.tvm.kernels.pool import PoolGeometry, max_pool2d
+from fxquant.conv_geometry import pair
 from fxquant.errors import BackendError
 
 __all__ = ["MODULE_CONVERTERS", "FUNCTION_CONVERTERS", "METHOD_CONVERTERS", "NAMED_CONVERTERS"]
@@ -32,13 +33,6 @@ def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
 
 def _axis(dim: int, rank: int) -> int:
     return dim + rank if dim < 0 else dim
-
-
-def _pair(value: Any) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    value = tuple(value)
-    return (int(value[0]), int(value[0])) if len(value) == 1 else (int(value[0]), int(value[1]))
 
 
 # -- pass-through ------------------------------------------------------------------------------------------
@@ -281,11 +275,11 @@ def _pool_args(node: fx.Node, module: nn.Module | None) -> dict[str, Any]:
 def _max_pool(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
     module = ctx.modules.get(str(node.target)) if node.op == "call_module" else None
     args = _pool_args(node, module)
-    kernel = _pair(args["kernel_size"])
-    stride = _pair(args.get("stride") or kernel)
+    kernel = pair(args["kernel_size"])
+    stride = pair(args.get("stride") or kernel)
     x = ctx.value(node.args[0])
     shape, dtype = ctx.shape(x), x.ty.dtype
-    padding, dilation = _pair(args.get("padding") or 0), _pair(args.get("dilation") or 1)
+    padding, dilation = pair(args.get("padding") or 0), pair(args.get("dilation") or 1)
     ceil_mode = bool(args.get("ceil_mode") or False)
     if len(shape) == 4:  # NCHW: the separable kernel (rows, then columns in vector lanes)
         geom = PoolGeometry(tuple(shape), kernel, stride, padding, dilation, ceil_mode)
@@ -301,15 +295,15 @@ def _max_pool_problem(node: fx.Node, module: nn.Module | None) -> str | None:
 def _avg_pool(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
     module = ctx.modules.get(str(node.target)) if node.op == "call_module" else None
     args = _pool_args(node, module)
-    kernel = _pair(args["kernel_size"])
-    stride = _pair(args.get("stride") or kernel)
+    kernel = pair(args["kernel_size"])
+    stride = pair(args.get("stride") or kernel)
     include_pad = args.get("count_include_pad")
     return ctx.bb.emit(
         relax.op.nn.avg_pool2d(
             ctx.value(node.args[0]),
             kernel,
             stride,
-            _pair(args.get("padding") or 0),
+            pair(args.get("padding") or 0),
             ceil_mode=bool(args.get("ceil_mode") or False),
             count_include_pad=True if include_pad is None else bool(include_pad),
         )
@@ -325,7 +319,7 @@ def _adaptive_avg_pool(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
     x = ctx.value(node.args[0])
     size = ctx.module(node).output_size if node.op == "call_module" else _arg(node, 1, "output_size", 1)
     shape = ctx.shape(x)
-    out = _pair(size) if not isinstance(size, tuple | list) or None not in size else tuple(
+    out = pair(size) if not isinstance(size, tuple | list) or None not in size else tuple(
         shape[-2 + i] if s is None else int(s) for i, s in enumerate(size)
     )
     return ctx.bb.emit(relax.op.nn.adaptive_avg_pool2d(x, out))

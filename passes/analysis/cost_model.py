@@ -2,7 +2,8 @@
 
 Per layer and per sample (the batch dimension of the traced shapes is divided out):
 
-- ``MACs``: conv ``C_out·H_out·W_out · (C_in/groups)·k_h·k_w``; linear ``(output elements) · in_features``.
+- ``MACs``: conv ``C_out·H_out·W_out · (C_in/groups)·k_h·k_w``; linear ``(output elements) · in_features``
+  (:func:`fxquant.conv_geometry.macs_per_output`; the output sizes are the traced ones).
 - ``BitOPs = MACs × w_bits × a_bits`` (``a_bits``: the bits of the layer's own input quantizer).
 - ``size_bytes = params × w_bits / 8 + overhead``. Our choice for the overhead, which does not depend on the
   bit-widths: float32 weight scales (one per output channel, or one per tensor), a float32 bias per output
@@ -31,6 +32,7 @@ from typing import Any, TypeVar
 import torch
 from torch import fx, nn
 
+from fxquant.conv_geometry import macs_per_output, pair
 from fxquant.errors import ConfigError
 from fxquant.layers import FusedBn, QuantLayer
 from fxquant.passes.insert_quant import quant_layer_nodes, quantizable_layers
@@ -120,11 +122,10 @@ def _layer_cost(node: fx.Node, module: nn.Module) -> LayerCost:
     out_shape = _shape(node)
     per_sample = math.prod(out_shape[1:]) if len(out_shape) > 1 else 1
     if isinstance(layer, nn.Conv2d):
-        kh, kw = layer.kernel_size
-        macs = per_sample * (layer.in_channels // layer.groups) * kh * kw
+        macs = per_sample * macs_per_output(layer.in_channels, layer.groups, pair(layer.kernel_size))
         out_channels = layer.out_channels
     else:
-        macs = per_sample * layer.in_features
+        macs = per_sample * macs_per_output(layer.in_features, 1, (1, 1))
         out_channels = layer.out_features
     params = layer.weight.numel()
     scales = out_channels if per_channel else 1

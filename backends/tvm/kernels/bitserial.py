@@ -26,11 +26,13 @@ import tvm
 from tvm import tirx
 from tvm.target.codegen import llvm_cpu_has_features
 
+from fxquant.conv_geometry import DenseGeometry
+from fxquant.conv_geometry import conv_geometry as resolve_conv
 from fxquant.integer import IntegerConv2d, IntegerLayer, IntegerLinear
 
-from .geometry import ConvGeometry, resolve_padding
+from .geometry import BitserialGeometry
 from .layout import pack_weights_array
-from .microkernel import PopcountIsa, build_bitserial
+from .microkernel import PopcountIsa, Tiling, build_bitserial
 from .schedule_arm import NeonIsa
 from .schedule_generic import GenericIsa
 from .schedule_x86 import Avx2Isa, Avx512PopcntIsa
@@ -44,6 +46,7 @@ __all__ = [
     "conv_geometry",
     "dense_geometry",
     "select_isa",
+    "layer_tiling",
 ]
 
 ENCODINGS = ("bipolar", "unsigned")
@@ -81,51 +84,25 @@ def pack_weights(layer: IntegerLayer) -> np.ndarray:
     return pack_weights_array(layer.weight_codes.cpu().numpy(), layer.weight_bits)
 
 
-def conv_geometry(layer: IntegerConv2d, input_shape: tuple[int, int, int, int]) -> ConvGeometry:
+def conv_geometry(layer: IntegerConv2d, input_shape: tuple[int, int, int, int]) -> BitserialGeometry:
     """Shapes of one conv call; the input must have the layer's channel count."""
-    n, c, h, w = (int(d) for d in input_shape)
-    if c != layer.input_channels:
-        raise ValueError(f"input has {c} channels, layer {layer.name or 'conv'} expects {layer.input_channels}")
-    out_c, _, kh, kw = layer.weight_codes.shape
-    dilation = (int(layer.dilation[0]), int(layer.dilation[1]))
-    return ConvGeometry(
-        batch=n,
-        in_channels=c,
-        in_h=h,
-        in_w=w,
-        out_channels=int(out_c),
-        kernel_h=int(kh),
-        kernel_w=int(kw),
-        stride=(int(layer.stride[0]), int(layer.stride[1])),
-        dilation=dilation,
-        pad=resolve_padding(layer.padding, (int(kh), int(kw)), dilation),
-        act_bits=layer.act_bits,
-        weight_bits=layer.weight_bits,
-        bipolar=layer.weight_encoding == "bipolar",
-    )
+    if int(input_shape[1]) != layer.input_channels:
+        raise ValueError(
+            f"input has {int(input_shape[1])} channels, layer {layer.name or 'conv'} expects {layer.input_channels}"
+        )
+    conv = resolve_conv(tuple(int(d) for d in input_shape), tuple(layer.weight_codes.shape), layer.stride,
+                        layer.padding, layer.dilation, layer.groups, layer.name)
+    return BitserialGeometry.of(conv, layer.act_bits, layer.weight_bits, layer.weight_encoding == "bipolar")
 
 
-def dense_geometry(layer: IntegerLinear, input_shape: tuple[int, int]) -> ConvGeometry:
+def dense_geometry(layer: IntegerLinear, input_shape: tuple[int, int]) -> BitserialGeometry:
     """A dense call as a 1x1 convolution of a 1x1 image, features as channels."""
     n, k = (int(d) for d in input_shape)
     if k != layer.input_channels:
         raise ValueError(f"input has {k} features, layer {layer.name or 'linear'} expects {layer.input_channels}")
-    return ConvGeometry(
-        batch=n,
-        in_channels=k,
-        in_h=1,
-        in_w=1,
-        out_channels=int(layer.weight_codes.shape[0]),
-        kernel_h=1,
-        kernel_w=1,
-        stride=(1, 1),
-        dilation=(1, 1),
-        pad=(0, 0, 0, 0),
-        act_bits=layer.act_bits,
-        weight_bits=layer.weight_bits,
-        bipolar=layer.weight_encoding == "bipolar",
-        dense=True,
-    )
+    conv = DenseGeometry(n, k, int(layer.weight_codes.shape[0])).as_conv()
+    return BitserialGeometry.of(conv, layer.act_bits, layer.weight_bits, layer.weight_encoding == "bipolar",
+                                dense=True)
 
 
 def _as_target(target: tvm.target.Target | Mapping[str, Any] | str) -> tvm.target.Target:
@@ -154,8 +131,21 @@ def _tag_isa(func: tirx.PrimFunc, isa: PopcountIsa) -> tirx.PrimFunc:
     return func.with_attr("fxquant.bitserial_isa", isa.name)
 
 
+def _geometry(layer: IntegerLayer, input_shape: tuple[int, ...]) -> BitserialGeometry:
+    if isinstance(layer, IntegerConv2d):
+        return conv_geometry(layer, input_shape)  # type: ignore[arg-type]
+    return dense_geometry(layer, input_shape)  # type: ignore[arg-type]
+
+
+def layer_tiling(layer: IntegerLayer, input_shape: tuple[int, ...], target: tvm.target.Target) -> Tiling:
+    """The register tile of ``layer`` on ``input_shape`` for ``target``: the one place a tiling is chosen (each
+    ISA's ``tiling`` rule, see ``schedule_*.py``); the builders take it as an argument."""
+    return select_isa(target).tiling(_geometry(layer, input_shape))
+
+
 def conv2d_primfunc(
-    layer: IntegerConv2d, input_shape: tuple[int, int, int, int], target: tvm.target.Target
+    layer: IntegerConv2d, input_shape: tuple[int, int, int, int], target: tvm.target.Target,
+    tiling: Tiling | None = None,
 ) -> tirx.PrimFunc:
     """Scheduled PrimFunc ``(codes, packed_weight, out)`` for one conv call on ``input_shape`` (NCHW).
 
@@ -167,10 +157,12 @@ def conv2d_primfunc(
         raise ValueError(f"layer {layer.name or 'conv'} is not bit-serial: {why}")
     geom = conv_geometry(layer, input_shape)
     isa = select_isa(target)
-    return _tag_isa(build_bitserial(geom, isa, isa.tiling(geom)), isa)
+    return _tag_isa(build_bitserial(geom, isa, tiling or isa.tiling(geom)), isa)
 
 
-def dense_primfunc(layer: IntegerLinear, input_shape: tuple[int, int], target: tvm.target.Target) -> tirx.PrimFunc:
+def dense_primfunc(
+    layer: IntegerLinear, input_shape: tuple[int, int], target: tvm.target.Target, tiling: Tiling | None = None
+) -> tirx.PrimFunc:
     """Scheduled PrimFunc ``(codes, packed_weight, out)`` for one dense call on ``(N, K)`` codes.
 
     Built as a 1x1 convolution of a 1x1 image; ``global_symbol`` is ``"bitserial_dense"``.
@@ -180,4 +172,4 @@ def dense_primfunc(layer: IntegerLinear, input_shape: tuple[int, int], target: t
         raise ValueError(f"layer {layer.name or 'linear'} is not bit-serial: {why}")
     geom = dense_geometry(layer, input_shape)
     isa = select_isa(target)
-    return _tag_isa(build_bitserial(geom, isa, isa.tiling(geom)), isa)
+    return _tag_isa(build_bitserial(geom, isa, tiling or isa.tiling(geom)), isa)

@@ -5,9 +5,10 @@ The math is stated once in TE (:func:`_conv_compute`): activations are packed in
 
     acc[n, ot, y, x, lane] = sum_{cb, ky, kx, ci, k} pack[n, cb, y', x', ci*K + k] * w[ot, cb, ky, kx, ci, lane, k]
 
-which is a sequence of "``lanes`` output channels += a K-element dot product of one input pixel" steps. The
-schedule keeps a ``tile_w`` pixels x ``oc_vectors`` register tile of accumulators and maps each step onto one
-instruction of the target (a :class:`DotIsa`):
+which is a sequence of "``lanes`` output channels += a K-element dot product of one input pixel" steps (the
+plain statement of the same sum, unblocked, is :mod:`.reference`). The schedule keeps a ``tile_w`` pixels x
+``oc_vectors`` register tile of accumulators and maps each step onto one instruction of the target (a
+:class:`DotIsa`); the tile, the channel blocking and the chain are a :class:`DotTiling` (:func:`dot_tiling`):
 
 ========================  =============  ======  ===  ======================================================
 ISA                       operands       lanes   K    instruction
@@ -40,11 +41,11 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 from fxquant.backends.tvm.build import has_feature
-from fxquant.backends.tvm.geometry import ConvGeometry, DenseGeometry
+from fxquant.conv_geometry import ConvGeometry, DenseGeometry
 
 __all__ = [
-    "Chain", "DotIsa", "DotKernel", "DOT_ISAS", "chain_plan", "select_dot_isa", "dot_conv2d", "dot_dense",
-    "dense_as_conv", "folds_kernel_columns",
+    "Chain", "DotIsa", "DotKernel", "DotTiling", "DOT_ISAS", "chain_plan", "dot_tiling", "select_dot_isa",
+    "dot_conv2d", "dot_dense", "folds_kernel_columns",
     "KERNEL_VERSION",
 ]
 
@@ -64,8 +65,6 @@ class DotIsa:
     data_dtype: str
     weight_dtype: str
     intrin: str | None  # registered TensorIntrin name, or None: plain vectorized loop
-    tile_w: int  # output pixels per register tile
-    oc_vectors: int  # accumulator vectors per pixel in the tile
     chain16: bool = False  # partial sums of a chain (see :class:`Chain`) are formed in int16 lanes, then widened
 
     def accepts(self, data_range: tuple[int, int], weight_range: tuple[int, int], chain_steps: int = 1) -> bool:
@@ -233,12 +232,18 @@ def _intrinsics() -> dict[str, str]:
 
 
 DOT_ISAS: dict[str, DotIsa] = {
-    "avx2-u8s8": DotIsa("avx2-u8s8", 8, 4, "uint8", "int8", "avx2-u8s8", tile_w=4, oc_vectors=2, chain16=True),
-    "avx512-vnni": DotIsa("avx512-vnni", 16, 4, "uint8", "int8", "avx512-vnni", tile_w=6, oc_vectors=2),
-    "avx2": DotIsa("avx2", 8, 2, "int16", "int16", "avx2", tile_w=4, oc_vectors=2),
-    "neon-sdot": DotIsa("neon-sdot", 4, 4, "int8", "int8", "neon-sdot", tile_w=4, oc_vectors=4),
-    "neon": DotIsa("neon", 4, 1, "int16", "int16", None, tile_w=4, oc_vectors=4),
-    "generic": DotIsa("generic", 8, 1, "int16", "int16", None, tile_w=4, oc_vectors=1),
+    "avx2-u8s8": DotIsa("avx2-u8s8", 8, 4, "uint8", "int8", "avx2-u8s8", chain16=True),
+    "avx512-vnni": DotIsa("avx512-vnni", 16, 4, "uint8", "int8", "avx512-vnni"),
+    "avx2": DotIsa("avx2", 8, 2, "int16", "int16", "avx2"),
+    "neon-sdot": DotIsa("neon-sdot", 4, 4, "int8", "int8", "neon-sdot"),
+    "neon": DotIsa("neon", 4, 1, "int16", "int16", None),
+    "generic": DotIsa("generic", 8, 1, "int16", "int16", None),
+}
+
+#: widest register tile per instruction choice, (output pixels, accumulator vectors): what the register file
+#: holds (16 ymm on x86 AVX2, 32 zmm with AVX-512, 32 q on aarch64)
+_REGISTER_TILES: dict[str, tuple[int, int]] = {
+    "avx2-u8s8": (4, 2), "avx512-vnni": (6, 2), "avx2": (4, 2), "neon-sdot": (4, 4), "neon": (4, 4), "generic": (4, 1),
 }
 
 
@@ -276,22 +281,61 @@ class Chain:
     rows: int = 1
 
 
-def chain_plan(geom: ConvGeometry, isa: DotIsa, data_range: tuple[int, int], weight_range: tuple[int, int]) -> Chain:
+def _chain(work: ConvGeometry, isa: DotIsa, channel_block: int, data_range: tuple[int, int] | None,
+           weight_range: tuple[int, int] | None) -> Chain:
     """The longest chain these value ranges keep exact: the whole kernel window of as many channel blocks as
     fit, else one kernel row. Fewer widenings, longer inner loops (low-bit layers chain the whole window)."""
-    if not isa.chain16:
+    if not isa.chain16 or data_range is None or weight_range is None:
         return Chain()
-    work = _working_geometry(geom, isa)
     kh, kw = work.kernel
-    cb = _blocking(work, isa, work is not geom).channel_block
-    blocks = -(-work.in_channels // cb)
+    blocks = -(-work.in_channels // channel_block)
     largest = max(abs(v) for v in data_range) * max(abs(v) for v in weight_range)
     max_steps = (2**15 - 1) // (2 * max(largest, 1))
-    window = kh * kw * (cb // isa.k)
+    window = kh * kw * (channel_block // isa.k)
     if window > max_steps:
         return Chain()
     fitting = [g for g in range(1, blocks + 1) if blocks % g == 0 and g * window <= max_steps]
     return Chain(blocks=max(fitting), rows=kh)
+
+
+@dataclass(frozen=True)
+class DotTiling:
+    """How one dot-product layer is tiled (chosen by :func:`dot_tiling`, recorded in the manifest)."""
+
+    tile_w: int  # output pixels per register tile
+    oc_vectors: int  # accumulator vectors (``isa.lanes`` output channels each) per pixel in the tile
+    channel_block: int  # input channels per packed block, a multiple of ``isa.k``
+    fold_columns: bool = False  # kernel columns folded into the channel axis (:func:`folds_kernel_columns`)
+    chain: Chain = Chain()  # avx2-u8s8: int16 partial sums per chain
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tile_w": self.tile_w, "oc_vectors": self.oc_vectors, "channel_block": self.channel_block,
+                "fold_columns": self.fold_columns, "chain_blocks": self.chain.blocks, "chain_rows": self.chain.rows}
+
+
+def dot_tiling(geom: ConvGeometry | DenseGeometry, isa: DotIsa, data_range: tuple[int, int] | None = None,
+               weight_range: tuple[int, int] | None = None) -> DotTiling:
+    """The tiling of ``geom`` on ``isa`` (the target's instruction choice, :func:`select_dot_isa`): the ISA's
+    register tile clipped to the layer, its channel block, folded kernel columns where they save instructions,
+    and, given the layer's value ranges, the longest exact int16 chain (without them: one kernel row)."""
+    conv = geom.as_conv() if isinstance(geom, DenseGeometry) else geom
+    fold = folds_kernel_columns(conv, isa)
+    work = _working_geometry(conv, fold)
+    padded = _ceil_to(work.in_channels, isa.k)
+    channel_block = padded if fold else min(isa.channel_block, padded)  # folded: one block of every value
+    max_w, max_vectors = _REGISTER_TILES[isa.name]
+    return DotTiling(
+        tile_w=min(max_w, work.out_width),
+        oc_vectors=min(max_vectors, -(-work.out_channels // isa.lanes)),
+        channel_block=channel_block,
+        fold_columns=fold,
+        chain=_chain(work, isa, channel_block, data_range, weight_range),
+    )
+
+
+def chain_plan(geom: ConvGeometry, isa: DotIsa, data_range: tuple[int, int], weight_range: tuple[int, int]) -> Chain:
+    """The chain :func:`dot_tiling` picks for these value ranges."""
+    return dot_tiling(geom, isa, data_range, weight_range).chain
 
 
 @dataclass(frozen=True)
@@ -326,10 +370,10 @@ def folds_kernel_columns(geom: ConvGeometry, isa: DotIsa) -> bool:
     return _row_steps(channels * kw, 1, _ceil_to(channels * kw, isa.k), isa.k) < plain
 
 
-def _working_geometry(geom: ConvGeometry, isa: DotIsa) -> ConvGeometry:
+def _working_geometry(geom: ConvGeometry, fold: bool) -> ConvGeometry:
     """The convolution the reduction runs: ``geom`` itself, or with the kernel columns folded into channels
     (a (kh, 1) kernel over a virtual input whose pixel x holds input pixels x, x + d, ..., x + (kw-1) d)."""
-    if not folds_kernel_columns(geom, isa):
+    if not fold:
         return geom
     (kh, kw), (dh, dw) = geom.kernel, geom.dilation
     top, left, bottom, right = geom.padding
@@ -357,11 +401,11 @@ class _Blocking:
     padded_w: int
 
 
-def _blocking(geom: ConvGeometry, isa: DotIsa, folded: bool = False) -> _Blocking:
-    cb = _ceil_to(geom.in_channels, isa.k) if folded else min(isa.channel_block, _ceil_to(geom.in_channels, isa.k))
-    oc_vectors = min(isa.oc_vectors, -(-geom.out_channels // isa.lanes))
-    tiles = _ceil_to(-(-geom.out_channels // isa.lanes), oc_vectors)
-    tile_w = min(isa.tile_w, geom.out_width)
+def _blocking(geom: ConvGeometry, isa: DotIsa, tiling: DotTiling) -> _Blocking:
+    """Padded extents of the working geometry ``geom`` under ``tiling``."""
+    cb = tiling.channel_block
+    tiles = _ceil_to(-(-geom.out_channels // isa.lanes), tiling.oc_vectors)
+    tile_w = tiling.tile_w
     ow = _ceil_to(geom.out_width, tile_w)
     (sh, sw), (dh, dw), (kh, kw) = geom.stride, geom.dilation, geom.kernel
     top, left, bottom, right = geom.padding
@@ -546,12 +590,14 @@ def _schedule(func: tirx.PrimFunc, isa: DotIsa, blk: _Blocking, oc_vectors: int,
     return sch.mod["main"]
 
 
-def _build(geom: ConvGeometry, isa: DotIsa, dense: bool, chain: Chain) -> DotKernel:
-    work = _working_geometry(geom, isa)
-    folded = work is not geom
-    blk = _blocking(work, isa, folded)
+def _build(geom: ConvGeometry, isa: DotIsa, dense: bool, tiling: DotTiling | None) -> DotKernel:
+    tiling = tiling or dot_tiling(geom, isa)
+    folded = tiling.fold_columns
+    work = _working_geometry(geom, folded)
+    blk = _blocking(work, isa, tiling)
+    chain = tiling.chain
     func = te.create_prim_func(_conv_compute(geom, work, isa, blk, dense, chain))
-    oc_vectors = min(isa.oc_vectors, blk.oc_tiles)
+    oc_vectors = min(tiling.oc_vectors, blk.oc_tiles)
     scheduled = _schedule(func, isa, blk, oc_vectors, work.kernel[1], chain).with_attr("fxquant.dot_isa", isa.name)
 
     def pack(weight: np.ndarray) -> np.ndarray:
@@ -561,25 +607,19 @@ def _build(geom: ConvGeometry, isa: DotIsa, dense: bool, chain: Chain) -> DotKer
     return DotKernel(scheduled, pack, isa)
 
 
-def dot_conv2d(geom: ConvGeometry, isa: DotIsa, chain: Chain = Chain()) -> DotKernel:
+def dot_conv2d(geom: ConvGeometry, isa: DotIsa, tiling: DotTiling | None = None) -> DotKernel:
     """Scheduled conv2d ``(data int32 NCHW, packed weight, out int32 NCHW)`` for ``groups == 1``.
 
     Example::
 
         isa = select_dot_isa(target, (0, 15), (-8, 7))
-        kernel = dot_conv2d(geom, isa, chain_plan(geom, isa, (0, 15), (-8, 7)))  # weights go in as kernel.pack(w)
+        kernel = dot_conv2d(geom, isa, dot_tiling(geom, isa, (0, 15), (-8, 7)))  # weights go in as kernel.pack(w)
     """
     if geom.groups != 1:
         raise ValueError(f"the dot-product kernel takes groups=1 convolutions, got groups={geom.groups}")
-    return _build(geom, isa, dense=False, chain=chain)
+    return _build(geom, isa, dense=False, tiling=tiling)
 
 
-def dense_as_conv(geom: DenseGeometry) -> ConvGeometry:
-    """A dense layer as the 1x1 convolution of a 1x1 image that the kernels compute."""
-    return ConvGeometry(geom.batch, geom.in_features, 1, 1, geom.out_features, (1, 1), (1, 1), (0, 0, 0, 0),
-                        (1, 1), 1)
-
-
-def dot_dense(geom: DenseGeometry, isa: DotIsa, chain: Chain = Chain()) -> DotKernel:
+def dot_dense(geom: DenseGeometry, isa: DotIsa, tiling: DotTiling | None = None) -> DotKernel:
     """Scheduled dense ``(data int32 (N, K), packed weight, out int32 (N, O))``: a 1x1 convolution of a 1x1 image."""
-    return _build(dense_as_conv(geom), isa, dense=True, chain=chain)
+    return _build(geom.as_conv(), isa, dense=True, tiling=tiling)

@@ -1,33 +1,23 @@
-"""Static shape facts of one bit-serial layer call, derived once and shared by every kernel builder."""
+"""Static shape facts of one bit-serial layer call, derived once and shared by every kernel builder.
+
+Sizes and padding come from :mod:`fxquant.conv_geometry` (:meth:`BitserialGeometry.of`); what is added here is
+the bit-serial view: bit-widths, the weight encoding, and the packed layout's words and output-channel blocks.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fxquant.conv_geometry import ConvGeometry, output_size
+
 from .layout import MAX_CHUNK, OC_BLOCK, oc_blocks, padded_words, words_for
 
-__all__ = ["ConvGeometry", "resolve_padding"]
-
-
-def resolve_padding(
-    padding: str | tuple[int, int], kernel: tuple[int, int], dilation: tuple[int, int]
-) -> tuple[int, int, int, int]:
-    """(top, left, bottom, right) from PyTorch's conv padding argument."""
-    if isinstance(padding, str):
-        if padding == "valid":
-            return 0, 0, 0, 0
-        if padding == "same":
-            total_h = dilation[0] * (kernel[0] - 1)
-            total_w = dilation[1] * (kernel[1] - 1)
-            return total_h // 2, total_w // 2, total_h - total_h // 2, total_w - total_w // 2
-        raise ValueError(f"unknown padding mode {padding!r}")
-    ph, pw = (int(p) for p in padding)
-    return ph, pw, ph, pw
+__all__ = ["BitserialGeometry"]
 
 
 @dataclass(frozen=True)
-class ConvGeometry:
-    """A convolution (dense is the 1x1, 1x1-image case) with its packed-layout sizes."""
+class BitserialGeometry:
+    """A convolution (dense is the 1x1, 1x1-image case) with its bit-widths and packed-layout sizes."""
 
     batch: int
     in_channels: int
@@ -44,15 +34,24 @@ class ConvGeometry:
     bipolar: bool
     dense: bool = False
 
+    @classmethod
+    def of(cls, conv: ConvGeometry, act_bits: int, weight_bits: int, bipolar: bool,
+           dense: bool = False) -> BitserialGeometry:
+        """The bit-serial view of a resolved ``groups == 1`` convolution."""
+        return cls(
+            batch=conv.batch, in_channels=conv.in_channels, in_h=conv.height, in_w=conv.width,
+            out_channels=conv.out_channels, kernel_h=conv.kernel[0], kernel_w=conv.kernel[1], stride=conv.stride,
+            dilation=conv.dilation, pad=conv.padding, act_bits=act_bits, weight_bits=weight_bits, bipolar=bipolar,
+            dense=dense,
+        )
+
     @property
     def out_h(self) -> int:
-        span = self.dilation[0] * (self.kernel_h - 1) + 1
-        return (self.in_h + self.pad[0] + self.pad[2] - span) // self.stride[0] + 1
+        return output_size(self.in_h, self.kernel_h, self.stride[0], self.pad[0], self.pad[2], self.dilation[0])
 
     @property
     def out_w(self) -> int:
-        span = self.dilation[1] * (self.kernel_w - 1) + 1
-        return (self.in_w + self.pad[1] + self.pad[3] - span) // self.stride[1] + 1
+        return output_size(self.in_w, self.kernel_w, self.stride[1], self.pad[1], self.pad[3], self.dilation[1])
 
     @property
     def padded_h(self) -> int:

@@ -46,7 +46,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .geometry import ConvGeometry
+from .geometry import BitserialGeometry
 from .layout import MAX_CHUNK, OC_BLOCK
 from .stages import emit_activation_pack, emit_pixel_pairs, emit_window_sums, out_index, ramp, vconst
 
@@ -82,7 +82,7 @@ class PopcountIsa(Protocol):
     counter_dtype: str  # per-step count vector, e.g. "uint8x32"
     chunked: bool  # counts live in 8-bit lanes and must be widened every <= 31 words
 
-    def prepare_weights(self, geom: ConvGeometry, wpk: tirx.Buffer) -> WeightLoader:
+    def prepare_weights(self, geom: BitserialGeometry, wpk: tirx.Buffer) -> WeightLoader:
         """Emit any per-call weight preparation; return the weight loader."""
         ...
 
@@ -98,7 +98,7 @@ class PopcountIsa(Protocol):
         """Counts -> ``int64 x oc_per_vector`` per-output-channel totals."""
         ...
 
-    def tiling(self, geom: ConvGeometry) -> Tiling:
+    def tiling(self, geom: BitserialGeometry) -> Tiling:
         """The register tile for this layer."""
         ...
 
@@ -136,19 +136,24 @@ class Tiling:
     vec_blocks: int
     paired: bool = False
 
+    def as_dict(self) -> dict[str, int | bool]:
+        return {"tile_w": self.tile_w, "vec_blocks": self.vec_blocks, "paired": self.paired}
 
-def weight_rows(geom: ConvGeometry) -> int:
+
+def weight_rows(geom: BitserialGeometry) -> int:
     """Rows of ``OC_BLOCK`` words in the packed weights: (block, kh, kw, weight bit, word) flattened."""
     taps = 1 if geom.dense else geom.kernel_h * geom.kernel_w
     return geom.oc_blocks * taps * geom.weight_bits * geom.padded_words
 
 
-def flat_weights(geom: ConvGeometry, wpk: tirx.Buffer) -> tirx.Buffer:
+def flat_weights(geom: BitserialGeometry, wpk: tirx.Buffer) -> tirx.Buffer:
     """A ``(rows, OC_BLOCK)`` view of the packed weight parameter."""
     return T.decl_buffer((weight_rows(geom), OC_BLOCK), "uint64", data=wpk.data)
 
 
-def _row(geom: ConvGeometry, ob: tirx.Expr, kh: tirx.Expr, kw: tirx.Expr, wb: tirx.Expr, cw: tirx.Expr) -> tirx.Expr:
+def _row(
+    geom: BitserialGeometry, ob: tirx.Expr, kh: tirx.Expr, kw: tirx.Expr, wb: tirx.Expr, cw: tirx.Expr
+) -> tirx.Expr:
     kh_n, kw_n = (1, 1) if geom.dense else (geom.kernel_h, geom.kernel_w)
     return (((ob * kh_n + kh) * kw_n + kw) * geom.weight_bits + wb) * geom.padded_words + cw
 
@@ -196,7 +201,7 @@ def _clear(buf: tirx.Buffer, vectors: int, lanes: int) -> None:
 class _Task:
     """Everything one register tile needs besides its position."""
 
-    geom: ConvGeometry
+    geom: BitserialGeometry
     isa: PopcountIsa
     load_w: WeightLoader | None  # broadcast kernel: the ISA's weight loader
     apk: tirx.Buffer
@@ -301,7 +306,7 @@ class PairedRuns:
         return self.run_words // self.words
 
 
-def paired_runs(geom: ConvGeometry) -> PairedRuns:
+def paired_runs(geom: BitserialGeometry) -> PairedRuns:
     """The runs and chunks of ``geom``'s reduction: at most ``MAX_CHUNK`` words per chunk, every chunk alike."""
     dilated = geom.dilation[1] != 1
     run_words = geom.padded_words if dilated else geom.kernel_w * geom.padded_words
@@ -313,7 +318,7 @@ def paired_runs(geom: ConvGeometry) -> PairedRuns:
     return PairedRuns(run_words, runs_per_row, 1, max(d for d in range(1, MAX_CHUNK + 1) if run_words % d == 0))
 
 
-def prepare_paired_weights(geom: ConvGeometry, wpk: tirx.Buffer) -> tirx.Buffer:
+def prepare_paired_weights(geom: BitserialGeometry, wpk: tirx.Buffer) -> tirx.Buffer:
     """Weights reordered for the paired kernel: rows ``(block, weight bit, kh, kw, word)``, each the block's
     ``OC_BLOCK`` words followed by the same words with every pair swapped (``2 * OC_BLOCK`` words).
 
@@ -436,14 +441,14 @@ def _paired_micro_kernel(
             _store_outputs(task, n, o, oh, ow0, tile_w, tirx.Cast(out_type, value))
 
 
-def _paired_loops_ir(isa: PopcountIsa, geom: ConvGeometry, tiling: Tiling) -> str:
+def _paired_loops_ir(isa: PopcountIsa, geom: BitserialGeometry, tiling: Tiling) -> str:
     """The LLVM IR of every hot loop the layer's tiles call (full tiles and the row's tail)."""
     tile_w = max(1, min(tiling.tile_w, geom.out_w))
     widths = sorted({tile_w, geom.out_w % tile_w} - {0})
     return isa.count_loops_ir([(w, tiling.vec_blocks) for w in widths])  # type: ignore[attr-defined]
 
 
-def build_bitserial(geom: ConvGeometry, isa: PopcountIsa, tiling: Tiling) -> tirx.PrimFunc:
+def build_bitserial(geom: BitserialGeometry, isa: PopcountIsa, tiling: Tiling) -> tirx.PrimFunc:
     """The whole layer as one PrimFunc ``(codes, packed_weight, out)``."""
     tile_w = max(1, min(tiling.tile_w, geom.out_w))
     oc_tile = isa.oc_per_vector * tiling.vec_blocks

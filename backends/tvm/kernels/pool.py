@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 from tvm import s_tir, te, tirx
 
-__all__ = ["PoolGeometry", "max_pool2d"]
+from fxquant.conv_geometry import output_size
+
+__all__ = ["PoolGeometry", "PoolTiling", "max_pool2d", "pool_tiling"]
 
 
 @dataclass(frozen=True)
@@ -32,12 +34,8 @@ class PoolGeometry:
     ceil_mode: bool = False
 
     def _out(self, size: int, axis: int) -> int:
-        k, s, p, d = self.kernel[axis], self.stride[axis], self.padding[axis], self.dilation[axis]
-        span = size + 2 * p - d * (k - 1) - 1
-        out = (-(-span // s) if self.ceil_mode else span // s) + 1
-        if self.ceil_mode and (out - 1) * s >= size + p:  # the last window must start inside the input
-            out -= 1
-        return out
+        p = self.padding[axis]
+        return output_size(size, self.kernel[axis], self.stride[axis], p, p, self.dilation[axis], self.ceil_mode)
 
     @property
     def output_shape(self) -> tuple[int, int, int, int]:
@@ -77,19 +75,38 @@ def _compute(geom: PoolGeometry, dtype: str) -> list[te.Tensor]:
     return [x, out]
 
 
-def max_pool2d(geom: PoolGeometry, dtype: str = "float32") -> tirx.PrimFunc:
+@dataclass(frozen=True)
+class PoolTiling:
+    """Vector lanes of the column pass along the output row (0: scalar); chosen by :func:`pool_tiling`."""
+
+    lanes: int
+
+
+#: column-pass lanes of a long output row (one AVX2 register of float32), and the longest row vectorized whole
+_LANES, _WHOLE_ROW = 8, 64
+
+
+def pool_tiling(geom: PoolGeometry) -> PoolTiling:
+    """Lanes of 8 where they divide a longer row, else the whole row up to 64 outputs, else scalar."""
+    out_w = geom.output_shape[3]
+    if out_w % _LANES == 0 and out_w > _LANES:
+        return PoolTiling(_LANES)
+    return PoolTiling(out_w if out_w <= _WHOLE_ROW else 0)
+
+
+def max_pool2d(geom: PoolGeometry, dtype: str = "float32", tiling: PoolTiling | None = None) -> tirx.PrimFunc:
     """A scheduled PrimFunc ``(x, out)``: planes in parallel, the row pass per plane, the column pass
     vectorized along the output row."""
+    tiling = tiling or pool_tiling(geom)
     sch = s_tir.Schedule(te.create_prim_func(_compute(geom, dtype)))
     out_b, rows_b = sch.get_sblock("pool_max"), sch.get_sblock("pool_rows")
     n, c, yo, xo = sch.get_loops(out_b)
     plane = sch.fuse(n, c)
     sch.parallel(plane)
     sch.compute_at(rows_b, plane)
-    out_w = geom.output_shape[3]
-    if out_w % 8 == 0 and out_w > 8:
-        _, inner = sch.split(xo, [None, 8])
-        sch.vectorize(inner)
-    elif out_w <= 64:
+    if tiling.lanes == geom.output_shape[3]:
         sch.vectorize(xo)
+    elif tiling.lanes:
+        _, inner = sch.split(xo, [None, tiling.lanes])
+        sch.vectorize(inner)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)

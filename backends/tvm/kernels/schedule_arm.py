@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from tvm import tirx
 
-from .geometry import ConvGeometry
+from .geometry import BitserialGeometry
 from .microkernel import Tiling, WeightLoader, flat_weights
 from .stages import ramp
 
@@ -141,7 +141,7 @@ class NeonIsa:
     chunked = True
     paired = True
 
-    def prepare_weights(self, geom: ConvGeometry, wpk: tirx.Buffer) -> WeightLoader:
+    def prepare_weights(self, geom: BitserialGeometry, wpk: tirx.Buffer) -> WeightLoader:
         flat = flat_weights(geom, wpk)
         return lambda row, half, lane0: tirx.reinterpret("uint8x16", flat[row, ramp(lane0, 2)])
 
@@ -177,7 +177,7 @@ class NeonIsa:
     def combine(self, first: tirx.Expr, second: tirx.Expr) -> tirx.Expr:
         return tirx.call_llvm_pure_intrin("uint32x4", _ADDP, first, second)
 
-    def tiling(self, geom: ConvGeometry) -> Tiling:
+    def tiling(self, geom: BitserialGeometry) -> Tiling:
         """8 pixels (4 pairs) x 4 channels: 16 byte counters, 4 weight vectors (2 as stored, 2 swapped) and 4
         activation pairs; every layer, dense ones as one pixel with a phantom partner."""
         return Tiling(tile_w=8, vec_blocks=2, paired=True)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from tvm import tirx
 
-from .geometry import ConvGeometry
+from .geometry import BitserialGeometry
 from .microkernel import Tiling, WeightLoader, flat_weights
 from .stages import ramp
 
@@ -26,7 +26,7 @@ class GenericIsa:
     counter_dtype = "int64x4"
     chunked = False
 
-    def prepare_weights(self, geom: ConvGeometry, wpk: tirx.Buffer) -> WeightLoader:
+    def prepare_weights(self, geom: BitserialGeometry, wpk: tirx.Buffer) -> WeightLoader:
         flat = flat_weights(geom, wpk)
         return lambda row, half, lane0: flat[row, ramp(lane0, self.oc_per_vector)]
 
@@ -39,5 +39,5 @@ class GenericIsa:
     def widen(self, counter: tirx.Expr) -> tirx.Expr:
         return counter
 
-    def tiling(self, geom: ConvGeometry) -> Tiling:
+    def tiling(self, geom: BitserialGeometry) -> Tiling:
         return Tiling(tile_w=4, vec_blocks=2)

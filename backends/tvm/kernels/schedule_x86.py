@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from tvm import tirx
 from tvm.script.ir_builder import tirx as T
 
-from .geometry import ConvGeometry
+from .geometry import BitserialGeometry
 from .layout import OC_BLOCK
 from .microkernel import Tiling, WeightLoader, flat_weights, weight_rows
 from .schedule_generic import GenericIsa
@@ -51,7 +51,7 @@ class Avx2Isa:
     counter_dtype = "uint8x32"
     chunked = True
 
-    def prepare_weights(self, geom: ConvGeometry, wpk: tirx.Buffer) -> WeightLoader:
+    def prepare_weights(self, geom: BitserialGeometry, wpk: tirx.Buffer) -> WeightLoader:
         rows = weight_rows(geom)
         flat = flat_weights(geom, wpk)
         split = T.alloc_buffer((rows, 2, OC_BLOCK), "uint64")
@@ -78,7 +78,7 @@ class Avx2Isa:
     def widen(self, counter: tirx.Expr) -> tirx.Expr:
         return tirx.call_llvm_pure_intrin("int64x4", _PSADBW, counter, vconst(0, "uint8", 32))
 
-    def tiling(self, geom: ConvGeometry) -> Tiling:
+    def tiling(self, geom: BitserialGeometry) -> Tiling:
         """Register tile for the 16 ymm registers (counters + lookup table + 2 broadcasts + 2 weights + temporaries).
 
         Measured on Zen 3: with one word per pixel (<= 64 channels) LLVM unrolls the 3 kernel columns and reuses
@@ -118,7 +118,7 @@ class Avx512PopcntIsa(GenericIsa):
     def widen(self, counter: tirx.Expr) -> tirx.Expr:
         return tirx.Cast("int64x8", counter)
 
-    def tiling(self, geom: ConvGeometry) -> Tiling:
+    def tiling(self, geom: BitserialGeometry) -> Tiling:
         """One vector of eight channels (all of ``OC_BLOCK``) x a row split into near-equal tiles of <= 14 pixels.
 
         From the znver4 assembly of ResNet-style layers, with cycles from ``llvm-mca`` 14's Ice Lake model (it has

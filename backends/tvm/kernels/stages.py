@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from tvm import tirx
 from tvm.script.ir_builder import tirx as T
 
-from .geometry import ConvGeometry
+from .geometry import BitserialGeometry
 from .layout import WORD_BITS
 
 __all__ = [
@@ -49,14 +49,14 @@ def ramp(base: Index, lanes: int) -> Index:
     return tirx.Ramp(base, 1, lanes) if lanes > 1 else base
 
 
-def codes_loader(geom: ConvGeometry, codes: tirx.Buffer) -> Callable[[Index, Index, Index, Index], tirx.Expr]:
+def codes_loader(geom: BitserialGeometry, codes: tirx.Buffer) -> Callable[[Index, Index, Index, Index], tirx.Expr]:
     """(n, c, h, w_index) -> load; dense layers are a 1x1 image with the features as channels."""
     if geom.dense:
         return lambda n, c, h, w: codes[n, c]
     return lambda n, c, h, w: codes[n, c, h, w]
 
 
-def out_index(geom: ConvGeometry, n: Index, o: Index, oh: Index, ow: Index) -> list[Index]:
+def out_index(geom: BitserialGeometry, n: Index, o: Index, oh: Index, ow: Index) -> list[Index]:
     return [n, o] if geom.dense else [n, o, oh, ow]
 
 
@@ -101,7 +101,7 @@ def _pack_word(
     return word
 
 
-def emit_activation_pack(geom: ConvGeometry, codes: tirx.Buffer, halves: int) -> tirx.Buffer:
+def emit_activation_pack(geom: BitserialGeometry, codes: tirx.Buffer, halves: int) -> tirx.Buffer:
     """Allocate and fill the packed, zero-padded activation planes; returns the buffer.
 
     Parallel over (batch, padded row). Pad rows, pad columns and pad words are stored as zeros, so the main loop
@@ -159,7 +159,7 @@ def emit_activation_pack(geom: ConvGeometry, codes: tirx.Buffer, halves: int) ->
     return apk
 
 
-def emit_pixel_pairs(geom: ConvGeometry, apk: tirx.Buffer) -> tirx.Buffer:
+def emit_pixel_pairs(geom: BitserialGeometry, apk: tirx.Buffer) -> tirx.Buffer:
     """The planes of :func:`emit_activation_pack` (``halves == 1``) as pixel pairs: ``(N, AB, Hp, Wp * words, 2)``.
 
     Entry ``[n, ab, h, c * words + cw]`` holds word ``cw`` of columns ``c`` and ``c + s`` (``s`` the stride; zero
@@ -188,7 +188,7 @@ def emit_pixel_pairs(geom: ConvGeometry, apk: tirx.Buffer) -> tirx.Buffer:
     return pairs
 
 
-def emit_window_sums(geom: ConvGeometry, codes: tirx.Buffer) -> tirx.Buffer:
+def emit_window_sums(geom: BitserialGeometry, codes: tirx.Buffer) -> tirx.Buffer:
     """``wsum[n, oh, ow] = -(2^wb - 1) * sum of activation codes in the window`` (int32).
 
     Separable: first each padded pixel's code sum over its channels (plain int32 adds along the image row, which

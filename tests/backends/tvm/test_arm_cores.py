@@ -20,7 +20,7 @@ from fxquant.backends.tvm.arm_cores import ARM_CORES, arm_core
 from fxquant.backends.tvm.build import ARM_TRIPLE, arm_target_dict
 from fxquant.backends.tvm.emulate import emulation_available, emulation_missing, qemu_python_command
 from fxquant.backends.tvm.kernels import conv2d_primfunc, dense_primfunc, pack_weights
-from fxquant.backends.tvm.kernels.geometry import ConvGeometry
+from fxquant.backends.tvm.kernels.geometry import BitserialGeometry
 from fxquant.backends.tvm.options import ARM_CPUS
 from tests.backends.tvm.helpers import ResidualNet, quantized
 from tests.backends.tvm.test_bitserial import _random_codes, make_conv, make_dense
@@ -212,7 +212,7 @@ def test_static_fallback_without_llvm_mca(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_layer_estimate_and_ceilings() -> None:
-    geom = ConvGeometry(1, 128, 28, 28, 128, 3, 3, (1, 1), (1, 1), (1, 1, 1, 1), 2, 2, True)
+    geom = BitserialGeometry(1, 128, 28, 28, 128, 3, 3, (1, 1), (1, 1), (1, 1, 1, 1), 2, 2, True)
     macs = geom.bit_ops // 4
     for cpu in ARM_CPUS:
         core = ARM_CORES[cpu]

@@ -10,7 +10,7 @@ import tvm
 
 from fxquant.backends.tvm.build import host_target_dict, make_target
 from fxquant.backends.tvm.direct import direct_conv2d, direct_dense
-from fxquant.backends.tvm.geometry import DenseGeometry, conv_geometry
+from fxquant.conv_geometry import DenseGeometry, conv_geometry
 
 TARGET = make_target(host_target_dict(), None)
 

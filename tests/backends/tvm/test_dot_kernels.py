@@ -8,16 +8,17 @@ import torch
 import tvm
 
 from fxquant.backends.tvm.build import host_target_dict, make_target
-from fxquant.backends.tvm.geometry import DenseGeometry, conv_geometry
 from fxquant.backends.tvm.kernels.dot import (
     DOT_ISAS,
     Chain,
     chain_plan,
     dot_conv2d,
     dot_dense,
+    dot_tiling,
     folds_kernel_columns,
     select_dot_isa,
 )
+from fxquant.conv_geometry import DenseGeometry, conv_geometry
 
 HOST = make_target(host_target_dict(), None)
 HOST_HAS_AVX2 = select_dot_isa(HOST, (0, 255), (-128, 127)).name in ("avx2", "avx512-vnni")
@@ -142,16 +143,17 @@ def test_chained_conv_exact_at_extreme_codes(ranges) -> None:
     (alo, ahi), (wlo, whi) = ranges
     isa = DOT_ISAS["avx2-u8s8"]
     geom = conv_geometry((1, 64, 5, 6), (24, 64, 3, 3), 1, 1, 1, 1)
-    chain = chain_plan(geom, isa, (alo, ahi), (wlo, whi))
+    tiling = dot_tiling(geom, isa, (alo, ahi), (wlo, whi))
+    chain = tiling.chain
     assert chain.rows == 3 and chain.blocks >= 2
     rng = np.random.default_rng(5)
     x = np.full(geom.input_shape, ahi, np.int32)
     for w in (np.full(geom.weight_shape, wlo, np.int64), np.full(geom.weight_shape, whi, np.int64),
               rng.integers(wlo, whi + 1, geom.weight_shape)):
-        got = _run(dot_conv2d(geom, isa, chain), x, w, geom.output_shape)
+        got = _run(dot_conv2d(geom, isa, tiling), x, w, geom.output_shape)
         np.testing.assert_array_equal(got, _conv_reference(x, w, 1, 1, 1))
     x = rng.integers(alo, ahi + 1, geom.input_shape).astype(np.int32)
-    got = _run(dot_conv2d(geom, isa, chain), x, w, geom.output_shape)
+    got = _run(dot_conv2d(geom, isa, tiling), x, w, geom.output_shape)
     np.testing.assert_array_equal(got, _conv_reference(x, w, 1, 1, 1))
 
 
@@ -171,7 +173,7 @@ def test_folded_kernel_columns_exact_at_extreme_codes(isa: str) -> None:
                  (np.full(geom.input_shape, ahi, np.int32), np.full(geom.weight_shape, whi, np.int64)),
                  (rng.integers(alo, ahi + 1, geom.input_shape).astype(np.int32),
                   rng.integers(wlo, whi + 1, geom.weight_shape))):
-        got = _run(dot_conv2d(geom, DOT_ISAS[isa], chain_plan(geom, DOT_ISAS[isa], (alo, ahi), (wlo, whi))), x, w,
+        got = _run(dot_conv2d(geom, DOT_ISAS[isa], dot_tiling(geom, DOT_ISAS[isa], (alo, ahi), (wlo, whi))), x, w,
                    geom.output_shape)
         np.testing.assert_array_equal(got, _conv_reference(x, w, 2, 3, 1))
 

@@ -30,6 +30,13 @@ class _Net(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+_TILING_FIELDS = {
+    "bitserial": {"tile_w", "vec_blocks", "paired"},
+    "dot": {"tile_w", "oc_vectors", "channel_block", "fold_columns", "chain_blocks", "chain_rows"},
+    "direct": {"layout", "lanes", "row_tile"},
+}
+
+
 @pytest.fixture(scope="module")
 def model() -> tuple[torch.fx.GraphModule, torch.Tensor]:
     torch.manual_seed(0)
@@ -47,6 +54,7 @@ def test_every_forced_kernel_gives_identical_outputs(model) -> None:
         assert_matches_reference(mod, ref, x)
         entry = next(e for e in mod.manifest["layers"] if e["name"] == "conv2")
         assert entry["kernel"] == family and "forced" in entry["reason"]
+        assert set(entry["tiling"]) == _TILING_FIELDS[family]  # the chosen tiling, recorded as data
         assert mod.manifest["options"]["kernel"] == {"conv2": family}
         outputs[family] = mod(x)
     first = outputs[families[0]]
