@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,9 +52,10 @@ from fxquant.quantizers.base import Quantizer, Role, block_scratch, elementwise_
 from fxquant.quantizers.grid import QuantGrid, requantize_levels, threshold_codes
 from fxquant.quantizers.kernels import lcq as lcq_kernels
 from fxquant.quantizers.lsq import grad_scale
+from fxquant.quantizers.options import QuantizerOptions
 from fxquant.quantizers.registry import register_quantizer
 
-__all__ = ["LCQQuantizer", "compander", "compand", "expand", "lcq_quantize"]
+__all__ = ["LCQQuantizer", "LCQOptions", "compander", "compand", "expand", "lcq_quantize"]
 
 
 def compander(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,19 +291,32 @@ def lcq_quantize(
     return _LCQFunction.apply(x, alpha, gamma, beta, int(s), bool(symmetric))
 
 
+@dataclass(frozen=True, eq=False)
+class LCQOptions(QuantizerOptions):
+    """``segments``: the compander's ``K`` equal input segments; ``weight_norm``: quantize weights divided by
+    their standard deviation; ``grad_scale``: multiply α's gradient by ``1/sqrt(N·s)`` (as LSQ)."""
+
+    segments: int = 16
+    weight_norm: bool = True
+    grad_scale: bool = True
+
+    def check(self) -> None:
+        if self.segments < 1:
+            raise ConfigError(f"quantizer_options segments={self.segments!r} is invalid: expected a positive integer")
+
+
 @register_quantizer("lcq")
 class LCQQuantizer(Quantizer):
     """LCQ with a learned clip ``α`` (per channel for weights when configured) and compander ``θ`` per tensor."""
 
-    OPTIONS = {"segments": 16, "weight_norm": True, "grad_scale": True}
+    options_class = LCQOptions
+    options: LCQOptions
 
     def __init__(
-        self, bits: int, role: Role, channels: int | None = None, options: Mapping[str, Any] | None = None
+        self, bits: int, role: Role, channels: int | None = None, options: LCQOptions | Mapping[str, Any] | None = None
     ) -> None:
         super().__init__(bits, role, channels, options)
-        segments = self.options["segments"]
-        if isinstance(segments, bool) or not isinstance(segments, int) or segments < 1:
-            raise ConfigError(f"quantizer_options segments={segments!r} is invalid: expected a positive integer")
+        segments = self.options.segments
         per_channel = role == "weight" and bool(channels)
         self.alpha = nn.Parameter(torch.ones(self.num_params if per_channel else ()))
         self.register_buffer("signed", torch.tensor(role == "weight"))
@@ -378,7 +393,7 @@ class LCQQuantizer(Quantizer):
     # -- data -------------------------------------------------------------------------------------------------
 
     def _refresh_norm(self, x: torch.Tensor) -> None:
-        if self.role != "weight" or not self.options["weight_norm"]:
+        if self.role != "weight" or not self.options.weight_norm:
             return
         with torch.no_grad():
             flat = x.detach().reshape(x.shape[0], -1) if self.channels else x.detach().reshape(1, -1)
@@ -410,7 +425,7 @@ class LCQQuantizer(Quantizer):
     # -- forward ----------------------------------------------------------------------------------------------
 
     def gradient_scale(self, x: torch.Tensor) -> float:
-        if not self.options["grad_scale"]:
+        if not self.options.grad_scale:
             return 1.0
         n = x.numel() // (self.channels or 1) if self.role == "weight" else (x[0].numel() if x.dim() > 1 else x.numel())
         return 1.0 / math.sqrt(max(n, 1) * max(self.s, 1))
@@ -421,7 +436,7 @@ class LCQQuantizer(Quantizer):
         alpha = self.view(grad_scale(self._alpha(), self.alpha_grad_scale), x)
         symmetric = self.symmetric  # read once: a data-dependent branch is a graph break under torch.compile
         s = self.levels_for(symmetric)
-        if self.role == "weight" and self.options["weight_norm"]:
+        if self.role == "weight" and self.options.weight_norm:
             norm = self.view(self.norm, x)
             return lcq_quantize(x / norm, alpha, gamma, beta, s, True) * norm
         return lcq_quantize(x, alpha, gamma, beta, s, symmetric)

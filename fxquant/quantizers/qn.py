@@ -50,7 +50,8 @@ reached (``x ≥ b_i/β``: ties go up, where the original's ``x − b > 0`` send
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -60,12 +61,14 @@ from fxquant.quantizers import kernels
 from fxquant.quantizers.base import Quantizer, Role, search_clip_range
 from fxquant.quantizers.grid import QuantGrid, requantize_levels
 from fxquant.quantizers.kernels import qn as qn_kernels
+from fxquant.quantizers.options import QuantizerOptions
 from fxquant.quantizers.registry import register_quantizer
 
-__all__ = ["QNQuantizer", "qn_soft", "qn_hard", "kmeans_1d", "kmeans_thresholds", "LEVEL_CHOICES"]
+__all__ = ["QNQuantizer", "QNOptions", "qn_soft", "qn_hard", "kmeans_1d", "kmeans_thresholds", "LEVEL_CHOICES"]
 
 CLAMP = 10.0
-LEVEL_CHOICES = ("uniform", "kmeans")
+Levels = Literal["uniform", "kmeans"]
+LEVEL_CHOICES = get_args(Levels)
 _CHUNK_ELEMENTS = 1 << 22  # sigmoids evaluated together: bounds the memory of 8-bit (255-step) quantizers
 
 
@@ -320,32 +323,42 @@ def kmeans_thresholds(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     return torch.cummax(th, 0).values.float(), centres.float()
 
 
+@dataclass(frozen=True, eq=False)
+class QNOptions(QuantizerOptions):
+    """The temperature runs linearly from ``temperature_start`` to ``temperature_end`` over training, capped at
+    ``temperature_cap``; ``levels`` picks the target set; ``outlier_sigmas`` (``levels="kmeans"``
+    activations) drops values beyond mean + that many standard deviations before clustering (0: none)."""
+
+    temperature_start: float = 1.0
+    temperature_end: float = 20.0
+    temperature_cap: float = 2000.0
+    levels: Levels = "uniform"
+    outlier_sigmas: float = 3.0
+
+    def check(self) -> None:
+        for option in ("temperature_start", "temperature_end", "temperature_cap"):
+            if not getattr(self, option) > 0:
+                raise ConfigError(
+                    f"quantizer_options {option}={getattr(self, option)!r} is invalid: QN temperatures must be positive"
+                )
+        if not self.outlier_sigmas >= 0:
+            raise ConfigError(
+                f"quantizer_options outlier_sigmas={self.outlier_sigmas!r} is invalid: expected a number >= 0 (0: off)"
+            )
+
+
 @register_quantizer("qn")
 class QNQuantizer(Quantizer):
     """Quantization Networks: learned ``α``, ``β``; fixed biases and targets; temperature schedule."""
 
-    OPTIONS = {
-        "temperature_start": 1.0,
-        "temperature_end": 20.0,
-        "temperature_cap": 2000.0,
-        "levels": "uniform",
-        "outlier_sigmas": 3.0,
-    }
+    options_class = QNOptions
+    options: QNOptions
 
     def __init__(
-        self, bits: int, role: Role, channels: int | None = None, options: Mapping[str, Any] | None = None
+        self, bits: int, role: Role, channels: int | None = None, options: QNOptions | Mapping[str, Any] | None = None
     ) -> None:
         super().__init__(bits, role, channels, options)
-        t0, t1, cap = (float(self.options[k]) for k in ("temperature_start", "temperature_end", "temperature_cap"))
-        if self.options["levels"] not in LEVEL_CHOICES:
-            raise ConfigError(
-                f"quantizer_options levels={self.options['levels']!r} is invalid; allowed: {', '.join(LEVEL_CHOICES)}"
-            )
-        if not (0 < t0 and 0 < t1 and 0 < cap):
-            raise ConfigError(
-                f"quantizer_options temperature_start={t0}, temperature_end={t1}, temperature_cap={cap} are "
-                "invalid: QN temperatures must be positive"
-            )
+        t0, cap = self.options.temperature_start, self.options.temperature_cap
         if role == "weight" and self.bits == 1:
             raise ConfigError(
                 "quantizer 'qn' cannot quantize weights to 1 bit: its learned output scale α does not follow the "
@@ -370,7 +383,7 @@ class QNQuantizer(Quantizer):
 
     @property
     def uniform(self) -> bool:
-        return self.options["levels"] == "uniform"
+        return self.options.levels == "uniform"
 
     def uniform_targets(self, low: float) -> torch.Tensor:
         """Weights: the odd integers ``2c − n``; activations: ``c + low`` (``low`` the lowest target)."""
@@ -431,7 +444,7 @@ class QNQuantizer(Quantizer):
             scaled = x * self.view(beta, x)
         else:
             flat = x.reshape(-1)
-            sig = float(self.options["outlier_sigmas"])
+            sig = self.options.outlier_sigmas
             if sig > 0 and flat.numel() > 1:
                 keep = (flat - flat.mean()).abs() <= sig * flat.std()
                 flat = flat[keep] if bool(keep.any()) else flat
@@ -447,8 +460,8 @@ class QNQuantizer(Quantizer):
 
     def update_schedule(self, progress: float) -> None:
         """``T = min(cap, T_start + (T_end − T_start)·progress)``: the linear growth of the original code."""
-        t0, t1 = float(self.options["temperature_start"]), float(self.options["temperature_end"])
-        self.temperature.fill_(min(float(self.options["temperature_cap"]), t0 + (t1 - t0) * float(progress)))
+        t0, t1 = self.options.temperature_start, self.options.temperature_end
+        self.temperature.fill_(min(self.options.temperature_cap, t0 + (t1 - t0) * float(progress)))
 
     # -- forward --------------------------------------------------------------------------------------------
 
@@ -458,4 +471,4 @@ class QNQuantizer(Quantizer):
         return qn_soft(x, alpha, beta, self.biases, self.temperature, self.targets, evenly_spaced)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, levels={self.options['levels']}, T={float(self.temperature):g}"
+        return f"{super().extra_repr()}, levels={self.options.levels}, T={float(self.temperature):g}"
