@@ -1,8 +1,8 @@
 """SDQ: Stochastic Differentiable Quantization (Huang et al., ICML 2022, arXiv 2206.04459).
 
 The paper's verified idea: a Differentiable Bitwidth Parameter (DBP) is the probability factor of a
-stochastic choice between *adjacent* bit-widths. Its exact equations were not retrieved, so the mechanics
-here are ours (ALGORITHMS.md, "SDQ: our design where the paper is silent"):
+stochastic choice between *adjacent* bit-widths. Its exact equations were not available, so the mechanics
+here are ours (docs/design.md, section "SDQ"):
 
 - One learnable logit ``θ`` per quantizer; ``p = sigmoid(θ)`` is the probability of using the current
   bit-width ``b`` rather than ``b − 1``. A base quantizer (DSQ by default, option ``base``) is evaluated at
