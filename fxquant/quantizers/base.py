@@ -96,6 +96,8 @@ class Quantizer(nn.Module):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         kind = cls.options_class
+        if "OPTIONS" in vars(cls):
+            raise TypeError(f"{cls.__name__}: declare options as a QuantizerOptions dataclass in options_class")
         if not (isinstance(kind, type) and issubclass(kind, QuantizerOptions) and is_dataclass(kind)
                 and kind.__eq__ is QuantizerOptions.__eq__):
             raise TypeError(
