@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fxquant.bits import check_bits
 from fxquant.errors import ConfigError
@@ -14,6 +14,10 @@ from fxquant.quantizers.registry import available_quantizers, get_quantizer
 from fxquant.validate import check_bool, reject_unknown_fields
 
 __all__ = ["LayerOverride", "QuantConfig", "LayerQuantSpec", "BN_MODES"]
+
+if TYPE_CHECKING:
+    from fxquant.quantizers.options import QuantizerOptions
+
 
 BN_MODES = ("qat", "inference", "none")
 
@@ -65,6 +69,9 @@ class QuantConfig:
     (``"layer4.*"``) or by module type (``"type:Linear"``). Precedence: name, then pattern, then type,
     then the first/last-layer rule, then the global values.
 
+    ``quantizer_options`` takes the scheme's options dataclass (``DSQOptions(alpha=0.3)``) or the same options
+    as a mapping (``{"alpha": 0.3}``, as in a config file); either way it holds the dataclass after validation.
+
     Example::
 
         cfg = QuantConfig(quantizer="dsq", weight_bits=4, act_bits=4, exclude=("fc",))
@@ -79,7 +86,7 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     leaf_modules: tuple[str, ...] = ()
     fold_bn: Literal["qat", "inference", "none"] = "qat"
-    quantizer_options: Mapping[str, Any] = field(default_factory=dict)
+    quantizer_options: QuantizerOptions | Mapping[str, Any] = field(default_factory=dict)
     plan: Any = None  # a fxquant.BitwidthPlan: per-layer bits from the SDQ search
 
     def __post_init__(self) -> None:
@@ -106,11 +113,17 @@ class QuantConfig:
                 raise ConfigError(f"{option} must be a sequence of module names or patterns, got {value!r}")
             object.__setattr__(self, option, tuple(value))
         object.__setattr__(self, "overrides", dict(self.overrides))
-        object.__setattr__(self, "quantizer_options", dict(self.quantizer_options))
-        get_quantizer(self.quantizer).validate_options(dict(self.quantizer_options))
+        options = get_quantizer(self.quantizer).parse_options(self.quantizer_options)
+        object.__setattr__(self, "quantizer_options", options)
 
     def replace(self, **changes: Any) -> QuantConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again).
+
+        A new ``quantizer`` without new ``quantizer_options`` keeps the options set to non-default values
+        (as a mapping, validated against the new scheme: an option it does not have is an error).
+        """
+        if changes.get("quantizer", self.quantizer) != self.quantizer and "quantizer_options" not in changes:
+            changes["quantizer_options"] = self.quantizer_options.changed()
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,7 +134,7 @@ class QuantConfig:
             if f.name == "overrides":
                 value = {k: {g.name: getattr(v, g.name) for g in fields(v)} for k, v in value.items()}
             elif f.name == "quantizer_options":
-                value = dict(value)
+                value = value.to_dict()
             elif f.name == "plan":
                 value = None if value is None else value.to_dict()
             elif isinstance(value, tuple):

@@ -76,7 +76,7 @@ def insert_quantizers(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule
         bn = module.bn if isinstance(module, FusedBn) else None
         scheme = get_quantizer(spec.quantizer)
         channels = layer.weight.shape[0] if spec.per_channel else None
-        options = dict(config.quantizer_options) if spec.quantizer == config.quantizer else {}
+        options = config.quantizer_options if spec.quantizer == config.quantizer else None
         try:
             weight_quant = scheme(spec.weight_bits, "weight", channels, options)
             input_quant = scheme(spec.act_bits, "activation", None, options)

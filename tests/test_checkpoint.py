@@ -179,3 +179,33 @@ def test_save_keeps_an_existing_file_unless_forced(checkpoint, tmp_path: Path) -
     save_checkpoint(checkpoint, path, force=True)
     assert read_checkpoint(path).kind == "prepared"
     assert [p.name for p in tmp_path.iterdir()] == ["q.ckpt"]  # no temporary files left behind
+
+
+def test_checkpoint_with_options_in_the_old_mapping_form_loads(monkeypatch) -> None:
+    """Checkpoints written before the typed options stored only the options given, as a plain mapping."""
+    torch.manual_seed(0)
+    model = calibrate_bn(SPEC.build(), (8, *SHAPE))
+    config = fxquant.QuantConfig(quantizer="lcq", weight_bits=3, quantizer_options={"segments": 8})
+    qmodel = fxquant.prepare(model, (torch.randn(8, *SHAPE),), config)
+    checkpoint = Checkpoint.from_prepared(qmodel, SHAPE, SPEC)
+    current_meta = Checkpoint.meta
+
+    def old_meta(self: Checkpoint) -> dict:
+        meta = current_meta(self)
+        meta["config"]["quantizer_options"] = {"segments": 8}  # what QuantConfig.to_dict wrote then
+        return meta
+
+    monkeypatch.setattr(Checkpoint, "meta", old_meta)
+    raw = checkpoint.to_bytes()
+    monkeypatch.undo()
+    assert b'"quantizer_options": {"segments": 8}' in raw  # the old form is what was written
+    loaded = Checkpoint.from_bytes(raw)
+    assert loaded.config == config
+    assert loaded.config.to_dict()["quantizer_options"] == {"segments": 8, "weight_norm": True, "grad_scale": True}
+    rebuilt = loaded.build_prepared()
+    assert rebuilt.get_submodule("conv2").weight_quant.theta.numel() == 8
+    original = qmodel.state_dict()
+    assert all(torch.equal(v, original[k]) for k, v in rebuilt.state_dict().items())
+    x = torch.randn(4, *SHAPE)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), qmodel.eval()(x))

@@ -10,6 +10,7 @@ The file mirrors :class:`fxquant.QuantConfig` field for field::
     exclude: [fc]
     overrides:
       "layer3.*": {weight_bits: 2}
+    quantizer_options: {alpha: 0.3}   # the scheme's options (fields of DSQOptions for dsq)
     plan: plan.json          # optional: a BitwidthPlan file, relative to this file
 
 TOML cannot write ``null``: leave a key out to keep its default.

@@ -10,7 +10,8 @@ right after :func:`fxquant.prepare`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from dataclasses import is_dataclass
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import nn
@@ -18,17 +19,19 @@ from torch import nn
 from fxquant.errors import ConfigError
 from fxquant.placement import autocast_dtype
 from fxquant.quantizers.grid import QuantGrid, channel_view
+from fxquant.quantizers.options import QuantizerOptions
 
 __all__ = [
     "Quantizer", "Role", "search_clip_range", "elementwise_blocks", "split_blocks", "block_scratch", "BLOCK_ELEMENTS",
-    "BINARY_SCALES", "mean_abs_scale",
+    "BINARY_SCALES", "BinaryScale", "mean_abs_scale",
 ]
 
 Role = Literal["weight", "activation"]
 
 #: how a 1-bit weight quantizer scales ``±1``: ``"mean"`` recomputes ``mean|w|`` per channel of the weight it
 #: quantizes (XNOR-Net), ``"learned"`` keeps the scheme's own learned scale
-BINARY_SCALES = ("mean", "learned")
+BinaryScale = Literal["mean", "learned"]
+BINARY_SCALES = get_args(BinaryScale)
 
 #: elements per block of a fused quantizer pass: its few temporaries (512 KiB each in float32) stay in cache
 BLOCK_ELEMENTS = 1 << 17
@@ -82,31 +85,64 @@ def mean_abs_scale(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
 
 
 class Quantizer(nn.Module):
-    """Base class: subclasses implement :meth:`grid`, :meth:`soft_forward` and :meth:`initialize`."""
+    """Base class: subclasses implement :meth:`grid`, :meth:`soft_forward` and :meth:`initialize`, and declare
+    their options as a :class:`~fxquant.quantizers.options.QuantizerOptions` dataclass in ``options_class``."""
 
     scheme: ClassVar[str] = ""
-    #: option name -> default value; anything else in ``QuantConfig.quantizer_options`` is an error
+    options_class: ClassVar[type[QuantizerOptions]] = QuantizerOptions
+    #: option name -> default value, derived from ``options_class`` (read-only view for code that wants a dict)
     OPTIONS: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, bits: int, role: Role, channels: int | None = None, options: Mapping[str, Any] | None = None):
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        kind = cls.options_class
+        if "OPTIONS" in vars(cls):
+            raise TypeError(f"{cls.__name__}: declare options as a QuantizerOptions dataclass in options_class")
+        if not (isinstance(kind, type) and issubclass(kind, QuantizerOptions) and is_dataclass(kind)
+                and kind.__eq__ is QuantizerOptions.__eq__):
+            raise TypeError(
+                f"{cls.__name__}.options_class must be a QuantizerOptions subclass made with "
+                "@dataclass(frozen=True, eq=False)"
+            )
+        cls.OPTIONS = kind.defaults()
+
+    def __init__(
+        self, bits: int, role: Role, channels: int | None = None,
+        options: QuantizerOptions | Mapping[str, Any] | None = None,
+    ):
         super().__init__()
         if role not in ("weight", "activation"):
             raise ConfigError(f"quantizer role {role!r} is invalid; allowed: weight, activation")
-        self.validate_options(dict(options or {}))
+        self.options = self.parse_options(options)
         self.bits = int(bits)
         self.role: Role = role
         self.channels = channels  # per-channel along axis 0 when set (weights only)
-        self.options = {**self.OPTIONS, **dict(options or {})}
         self.register_buffer("initialized", torch.tensor(False))
 
     # -- configuration ------------------------------------------------------------------------------------
 
     @classmethod
-    def validate_options(cls, options: dict[str, Any]) -> None:
-        unknown = sorted(set(options) - set(cls.OPTIONS))
+    def parse_options(cls, options: QuantizerOptions | Mapping[str, Any] | None) -> QuantizerOptions:
+        """This scheme's options from an instance of its ``options_class``, a plain mapping or ``None`` (defaults).
+
+        Unknown keys of a mapping are an error listing the allowed ones.
+        """
+        kind = cls.options_class
+        if options is None:
+            return kind()
+        if isinstance(options, kind):
+            return options
+        if isinstance(options, QuantizerOptions):
+            raise ConfigError(
+                f"quantizer_options is a {type(options).__name__}, but quantizer {cls.scheme!r} takes {kind.__name__}"
+            )
+        if not isinstance(options, Mapping):
+            raise ConfigError(f"quantizer_options={options!r} is invalid: expected a mapping or {kind.__name__}")
+        unknown = sorted(set(options) - set(cls.OPTIONS), key=str)
         if unknown:
             allowed = ", ".join(sorted(cls.OPTIONS)) or "(none)"
             raise ConfigError(f"quantizer_options {unknown} are not options of {cls.scheme!r}; allowed: {allowed}")
+        return kind(**options)
 
     @property
     def num_params(self) -> int:
@@ -144,14 +180,10 @@ class Quantizer(nn.Module):
 
         Read at call time: SDQ changes ``bits`` during training.
         """
-        return self.role == "weight" and self.bits == 1 and self.options.get("binary_scale") == "mean"
+        return self.role == "weight" and self.bits == 1 and getattr(self.options, "binary_scale", None) == "mean"
 
     def _register_binary_scale(self) -> None:
         """The ``mean|w|`` scale of the last weight seen, for :meth:`grid` (schemes with ``binary_scale``)."""
-        scale = self.options["binary_scale"]
-        if scale not in BINARY_SCALES:
-            allowed = ", ".join(BINARY_SCALES)
-            raise ConfigError(f"quantizer_options binary_scale={scale!r} is invalid; allowed: {allowed}")
         # derived from the weight at every forward and at freeze: not state, so checkpoints keep their format
         self.register_buffer("binary_scale", torch.ones(self.num_params if self.channels else ()), persistent=False)
 

@@ -15,18 +15,27 @@ codes; others learn ``l`` too.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fxquant.errors import ConfigError
-from fxquant.quantizers.base import Quantizer, block_scratch, elementwise_blocks, search_clip_range, split_blocks
+from fxquant.quantizers.base import (
+    BinaryScale,
+    Quantizer,
+    block_scratch,
+    elementwise_blocks,
+    search_clip_range,
+    split_blocks,
+)
 from fxquant.quantizers.compiled import dsq as dsq_kernels
 from fxquant.quantizers.compiled.runtime import kernels_enabled
 from fxquant.quantizers.grid import QuantGrid
+from fxquant.quantizers.options import QuantizerOptions
 from fxquant.quantizers.registry import register_quantizer
 
-__all__ = ["DSQQuantizer", "dsq_soft"]
+__all__ = ["DSQQuantizer", "DSQOptions", "dsq_soft"]
 
 ALPHA_MIN = 1e-4
 ALPHA_MAX = 0.5 - 1e-4
@@ -191,22 +200,35 @@ class _DSQStraightThrough(torch.autograd.Function):
         return grad_x if ctx.needs_input_grad[0] else None, grad_low, grad_step, grad_alpha, None, None
 
 
+@dataclass(frozen=True, eq=False)
+class DSQOptions(QuantizerOptions):
+    """``alpha``: the initial α (distance of the soft function from the staircase), ``0 < α < 0.5``;
+    ``learn_alpha``: train α (else a fixed buffer); ``binary_scale``: the scale of 1-bit weights."""
+
+    alpha: float = 0.2
+    learn_alpha: bool = True
+    binary_scale: BinaryScale = "mean"
+
+    def check(self) -> None:
+        if not 0.0 < self.alpha < 0.5:
+            raise ConfigError(f"quantizer_options alpha={self.alpha!r} is invalid: DSQ needs 0 < alpha < 0.5")
+
+
 @register_quantizer("dsq")
 class DSQQuantizer(Quantizer):
     """DSQ with learnable α (bounded to (0, 0.5)) and learnable clipping bounds."""
 
-    OPTIONS = {"alpha": 0.2, "learn_alpha": True, "binary_scale": "mean"}
+    options_class = DSQOptions
+    options: DSQOptions
 
     def __init__(self, bits, role, channels=None, options=None):
         super().__init__(bits, role, channels, options)
-        alpha = float(self.options["alpha"])
-        if not 0.0 < alpha < 0.5:
-            raise ConfigError(f"quantizer_options alpha={alpha!r} is invalid: DSQ needs 0 < alpha < 0.5")
+        alpha = self.options.alpha
         self.upper = nn.Parameter(torch.ones(self.num_params if role == "weight" else ()))
         if role == "activation":
             self.lower = nn.Parameter(torch.zeros(()))
             self.register_buffer("signed", torch.tensor(False))
-        if self.options["learn_alpha"]:
+        if self.options.learn_alpha:
             self.alpha = nn.Parameter(torch.tensor(alpha))
         else:
             self.register_buffer("alpha", torch.tensor(alpha))

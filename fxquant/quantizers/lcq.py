@@ -1,45 +1,27 @@
 """LCQ: Learnable Companding Quantization (Yamamoto, CVPR 2021, arXiv 2103.07156).
 
-Clip, compress, round, expand (ALGORITHMS.md §3)::
+Clip, compress, round, expand::
 
     Q(x) = sgn(x)·α·g⁻¹( q_b( g(|x|/α) ) )   if |x| < α,        sgn(x)·α otherwise,      q_b(y) = round(s·y)/s
 
-with ``s = 2^b − 1`` for (unsigned) activations and ``s = 2^(b−1) − 1`` for (symmetric) weights. The compander
-``g`` is piecewise linear on ``K`` equal input segments ``[d_k, d_k+1)``, ``d_k = k/K``, with slopes
-``γ_k = K·softmax(θ)_k`` and output breakpoints ``β_k = Σ_{j<k} softmax(θ)_j``, so ``g(0) = 0``, ``g(1) = 1`` and
-``g`` is increasing; ``θ = 0`` (the initial value) makes ``g`` the identity and ``Q`` uniform.
+with ``s = 2^b − 1`` for (unsigned) activations and ``s = 2^(b−1) − 1`` for (symmetric) weights, a learned
+clip ``α`` and a learned compander ``g``, piecewise linear on ``K`` equal input segments with slopes
+``γ_k = K·softmax(θ)_k`` and output breakpoints ``β_k = Σ_{j<k} softmax(θ)_j`` (``θ = 0``: the uniform
+quantizer). The straight-through estimator covers the whole quantizer for ``x`` and ``α`` and only the
+rounding for the compander, whose gradients flow through both ``g`` and ``g⁻¹``; the backward evaluates
+those formulas directly, in one fused autograd function.
 
-Gradients (ALGORITHMS.md §3): the straight-through estimator is applied to the whole quantizer for ``x`` and
-``α`` (``∂Q/∂x = 1{|x|<α}``, ``∂Q/∂α = Q/α − (x/α)·1{|x|<α}``), and to the rounding only for the compander, so
-``∂Q/∂γ`` and ``∂Q/∂β`` flow through both ``g`` (at ``|x|/α``) and ``g⁻¹`` (at the rounded value) and on to ``θ``
-through the softmax. The backward pass evaluates these formulas directly (one fused autograd function).
-``α``'s gradient is scaled by ``1/sqrt(N·s)`` as in LSQ (option ``grad_scale``).
-
-Levels are non-uniform: the grid is a ``"codebook"`` whose levels are requantized to an 8-bit lookup table
-(:func:`~fxquant.quantizers.grid.requantize_levels`) for the integer graph; codes come from comparisons with
-the decision thresholds ``α·g⁻¹((j − ½)/s)`` (the points where ``round(s·g(|x|/α))`` changes). Weights have
-``2s + 1 = 2^b − 1`` levels (zero included, symmetric; code ``2^b − 1`` is unused), activations ``2^b``.
-
-Our designs where the paper is silent or was not retrieved:
-
-- *Weight normalisation.* The paper's Limited Weight Normalization formula was not retrieved. We divide the
-  weight by its standard deviation ``σ`` (per output channel when per-channel, else per tensor; no mean is
-  removed, so zero stays a level) before quantizing and multiply ``σ`` back after, with ``σ`` treated as a
-  constant in the backward pass (option ``weight_norm``). ``α`` then lives on the scale of a standardised
-  weight, the same for every layer and channel.
-- 2-bit weights (``s = 1``): the levels ``{−α, 0, α}`` cannot be companded, so they use the plain uniform
-  quantizer (thresholds ``±α/2``), as the unofficial implementation does. 1-bit weights (``s = 0``) use
-  ``sgn(x)·α`` (codes 0/1, ``sgn(0) = +1``) with the same ``x``/``α`` gradients.
-- Activations whose first batch holds negative values use the symmetric form with ``s = 2^(b−1) − 1``
-  (``2^b − 1`` levels, the top code unused).
-- ``α`` starts at the value that minimises the mean squared error of the initial (uniform) quantizer over
-  32 candidates, on the first weights (per channel) or batch.
+Levels are non-uniform: the grid is a ``"codebook"`` requantized to an 8-bit lookup table for the integer
+graph, with codes from the decision thresholds ``α·g⁻¹((j − ½)/s)``. The gradient formulas, and our choices
+where the paper is silent (weight normalisation, 1- and 2-bit weights, signed activations, the initial
+``α``): docs/design.md, section "LCQ".
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,9 +33,10 @@ from fxquant.quantizers.compiled import lcq as lcq_kernels
 from fxquant.quantizers.compiled.runtime import kernels_enabled
 from fxquant.quantizers.grid import QuantGrid, requantize_levels, threshold_codes
 from fxquant.quantizers.lsq import grad_scale
+from fxquant.quantizers.options import QuantizerOptions
 from fxquant.quantizers.registry import register_quantizer
 
-__all__ = ["LCQQuantizer", "compander", "compand", "expand", "lcq_quantize"]
+__all__ = ["LCQQuantizer", "LCQOptions", "compander", "compand", "expand", "lcq_quantize"]
 
 
 def compander(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +144,7 @@ def _lcq_terms(x, grad, alpha, code, tables, s, symmetric, grad_x, signed, u, w,
 
 
 class _LCQFunction(torch.autograd.Function):
-    """Forward ``Q(x)``; backward the formulas of ALGORITHMS.md §3 for ``x``, ``α``, ``γ`` and ``β``.
+    """Forward ``Q(x)``; backward the formulas of docs/design.md ("LCQ") for ``x``, ``α``, ``γ`` and ``β``.
 
     The rounded value ``y_q = j/s`` takes only ``s + 1`` values and the segment ``kx`` of ``|x|/α`` only
     ``K``: the forward saves both for every element as one small integer ``kx·(s + 1) + j``, besides ``x``
@@ -281,7 +264,7 @@ def lcq_quantize(
     s: int,
     symmetric: bool,
 ) -> torch.Tensor:
-    """The training forward of LCQ with the gradients of the module docstring.
+    """The training forward of LCQ with the gradients of docs/design.md, section "LCQ".
 
     ``gamma``/``beta`` ``None`` is the uniform quantizer (identity compander); ``s = 0`` is ``sgn(x)·α``.
     Unsigned mode clips negative inputs to 0. ``alpha`` broadcasts against ``x``.
@@ -289,19 +272,32 @@ def lcq_quantize(
     return _LCQFunction.apply(x, alpha, gamma, beta, int(s), bool(symmetric))
 
 
+@dataclass(frozen=True, eq=False)
+class LCQOptions(QuantizerOptions):
+    """``segments``: the compander's ``K`` equal input segments; ``weight_norm``: quantize weights divided by
+    their standard deviation; ``grad_scale``: multiply α's gradient by ``1/sqrt(N·s)`` (as LSQ)."""
+
+    segments: int = 16
+    weight_norm: bool = True
+    grad_scale: bool = True
+
+    def check(self) -> None:
+        if self.segments < 1:
+            raise ConfigError(f"quantizer_options segments={self.segments!r} is invalid: expected a positive integer")
+
+
 @register_quantizer("lcq")
 class LCQQuantizer(Quantizer):
     """LCQ with a learned clip ``α`` (per channel for weights when configured) and compander ``θ`` per tensor."""
 
-    OPTIONS = {"segments": 16, "weight_norm": True, "grad_scale": True}
+    options_class = LCQOptions
+    options: LCQOptions
 
     def __init__(
-        self, bits: int, role: Role, channels: int | None = None, options: Mapping[str, Any] | None = None
+        self, bits: int, role: Role, channels: int | None = None, options: LCQOptions | Mapping[str, Any] | None = None
     ) -> None:
         super().__init__(bits, role, channels, options)
-        segments = self.options["segments"]
-        if isinstance(segments, bool) or not isinstance(segments, int) or segments < 1:
-            raise ConfigError(f"quantizer_options segments={segments!r} is invalid: expected a positive integer")
+        segments = self.options.segments
         per_channel = role == "weight" and bool(channels)
         self.alpha = nn.Parameter(torch.ones(self.num_params if per_channel else ()))
         self.register_buffer("signed", torch.tensor(role == "weight"))
@@ -378,7 +374,7 @@ class LCQQuantizer(Quantizer):
     # -- data -------------------------------------------------------------------------------------------------
 
     def _refresh_norm(self, x: torch.Tensor) -> None:
-        if self.role != "weight" or not self.options["weight_norm"]:
+        if self.role != "weight" or not self.options.weight_norm:
             return
         with torch.no_grad():
             flat = x.detach().reshape(x.shape[0], -1) if self.channels else x.detach().reshape(1, -1)
@@ -410,7 +406,7 @@ class LCQQuantizer(Quantizer):
     # -- forward ----------------------------------------------------------------------------------------------
 
     def gradient_scale(self, x: torch.Tensor) -> float:
-        if not self.options["grad_scale"]:
+        if not self.options.grad_scale:
             return 1.0
         n = x.numel() // (self.channels or 1) if self.role == "weight" else (x[0].numel() if x.dim() > 1 else x.numel())
         return 1.0 / math.sqrt(max(n, 1) * max(self.s, 1))
@@ -421,7 +417,7 @@ class LCQQuantizer(Quantizer):
         alpha = self.view(grad_scale(self._alpha(), self.alpha_grad_scale), x)
         symmetric = self.symmetric  # read once: a data-dependent branch is a graph break under torch.compile
         s = self.levels_for(symmetric)
-        if self.role == "weight" and self.options["weight_norm"]:
+        if self.role == "weight" and self.options.weight_norm:
             norm = self.view(self.norm, x)
             return lcq_quantize(x / norm, alpha, gamma, beta, s, True) * norm
         return lcq_quantize(x, alpha, gamma, beta, s, symmetric)

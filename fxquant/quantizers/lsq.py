@@ -27,16 +27,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from fxquant.quantizers.base import Quantizer, Role, block_scratch, elementwise_blocks, split_blocks
+from fxquant.quantizers.base import BinaryScale, Quantizer, Role, block_scratch, elementwise_blocks, split_blocks
 from fxquant.quantizers.grid import QuantGrid
+from fxquant.quantizers.options import QuantizerOptions
 from fxquant.quantizers.registry import register_quantizer
 
-__all__ = ["LSQQuantizer", "lsq_quantize", "grad_scale"]
+__all__ = ["LSQQuantizer", "LSQOptions", "lsq_quantize", "grad_scale"]
 
 
 def grad_scale(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
@@ -122,14 +124,24 @@ def _unit_sign(x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     return (torch.where(v >= 0, 1.0, -1.0) - v).detach() + v
 
 
+@dataclass(frozen=True, eq=False)
+class LSQOptions(QuantizerOptions):
+    """``grad_scale``: multiply the step's gradient by ``1/sqrt(N·Q_P)``; ``binary_scale``: the scale of 1-bit
+    weights."""
+
+    grad_scale: bool = True
+    binary_scale: BinaryScale = "mean"
+
+
 @register_quantizer("lsq")
 class LSQQuantizer(Quantizer):
     """LSQ with one learned step per tensor (activations) or per output channel (weights, when configured)."""
 
-    OPTIONS = {"grad_scale": True, "binary_scale": "mean"}
+    options_class = LSQOptions
+    options: LSQOptions
 
     def __init__(
-        self, bits: int, role: Role, channels: int | None = None, options: Mapping[str, Any] | None = None
+        self, bits: int, role: Role, channels: int | None = None, options: LSQOptions | Mapping[str, Any] | None = None
     ) -> None:
         super().__init__(bits, role, channels, options)
         self.step = nn.Parameter(torch.ones(self.num_params if (role == "weight" and channels) else ()))
@@ -183,7 +195,7 @@ class LSQQuantizer(Quantizer):
 
     def gradient_scale(self, x: torch.Tensor) -> float:
         """``g = 1/sqrt(N·Q_P)``: ``N`` = elements per step (weights) or features per example (activations)."""
-        if not self.options["grad_scale"]:
+        if not self.options.grad_scale:
             return 1.0
         _, qp = self.bounds()
         if self.role == "weight":

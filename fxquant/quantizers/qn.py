@@ -4,53 +4,24 @@ The quantizer is a sum of unit steps, relaxed to sigmoids of temperature ``T`` i
 
     training:  y = α·( Σ_i s_i·σ(T·(βx − b_i)) + q_0 )        inference:  y = α·( Σ_i s_i·A(βx − b_i) + q_0 )
 
-over a target set ``q_0 < q_1 < … < q_n`` (in "unit" coordinates) with step heights ``s_i = q_i − q_{i−1}``
-(the paper's offset is ``o = −q_0``), fixed biases ``b_i`` and learned scales ``α`` (output) and ``β``
-(input). The hard output of code ``c`` is ``α·q_c``. ``α`` and ``β`` are learned through their logarithms
-(our design: their natural sizes differ by orders of magnitude between layers and bit-widths, e.g.
-``α ≈ 10⁻³`` for an 8-bit weight, so a shared optimizer takes relative steps; the original trains them with a
-separate optimizer at 0.1× the learning rate plus gradient-norm clipping). As in the original code the
-sigmoid argument is clamped to ``[−10, 10]``; its backward is ``T·s_i·σ(1−σ)`` evaluated at the clamped
-argument (the clamp passes the gradient, as in the original's hand-written backward), and the ``α``/``β``
-gradients follow by the chain rule. ``T`` rises linearly with training progress
-(:meth:`QNQuantizer.update_schedule`), capped as in the original (2000). Our defaults run from ``T = 1`` to
-``T = 20`` over training: with adjacent biases 1 (activations) or 2 (weights) apart, ``T = 20`` already puts
-every sigmoid half a gap away on the clamp, so the soft function is the staircase. The original's range
-(``T = 20·epoch`` over 35 epochs, up to 700) with a schedule of a few hundred steps diverged here: on
-ResNet-8 / Fashion-MNIST (4k images, 64 QAT steps, ``benchmarks/bench_quantizers.py --quick`` recipe) ``T``
-from 10 to 500 gave 60.9 / 15.8 / 64.6 % at W4A4 / W3A3 / W2A2, ``T`` from 1 to 20 gave 77.4 / 73.2 / 62.3 %
-(float 77.6 %): as ``T`` grows the input gradient concentrates into spikes of height ``T·s/4`` at the
-thresholds, and gradient-norm clipping then shrinks every other gradient.
+over a target set ``q_0 < q_1 < … < q_n`` with step heights ``s_i = q_i − q_{i−1}``, fixed biases ``b_i`` and
+learned scales ``α`` (output) and ``β`` (input), both learned through their logarithms. As in the original
+code the sigmoid argument is clamped to ``[−10, 10]`` and its backward is ``T·s_i·σ(1−σ)`` at the clamped
+argument. ``T`` rises linearly with training progress (:meth:`QNQuantizer.update_schedule`), by default from
+1 to 20, where the soft function is already the staircase.
 
-Target sets and biases (option ``levels``; ALGORITHMS.md §2):
-
-- ``"uniform"`` (default, bit-serial deployable): weights take the odd integers ``q_c = 2c − n``
-  (``n = 2^B − 1``: the ``"bipolar"`` grid with scale ``α``, ``±α`` at 1 bit), activations ``q_c = c + q_0``
-  (the ``"unsigned"`` grid with step ``α``; ``q_0 = 0`` after a ReLU, fitted for inputs with negative
-  values). The biases are the midpoints of adjacent targets and ``β = 1/α`` at initialisation, with ``α``
-  (and ``q_0``) from the clip range that minimises the squared error on the first tensor — the
-  reconstruction-optimal thresholds for those fixed uniform targets (our design: the original's k-means
-  thresholds with uniform targets move weights far from their clusters, e.g. a trained ResNet-8 at W4 drops
-  from 76 % to 17 % before training, against 66 % with midpoint thresholds). Training then learns ``α`` and
-  ``β`` apart, so the thresholds ``b_i/β`` and the levels ``α·q_c`` move independently.
-- ``"kmeans"`` (the original's clustering, non-uniform): ``β = (5/4)·q_max/max|W|`` for weights (per channel
-  when configured), ``β = q_max/max(x)`` for activations after dropping values beyond mean + 3σ (the haoyz
-  fork's recipe; option ``outlier_sigmas``), then 1-D k-means with ``2^B`` clusters on the sorted ``βx``
-  (deterministic Lloyd iterations from evenly spaced centres, where the original calls sklearn): each
-  ``b_i`` is the midpoint between the adjacent samples where the cluster label changes, the targets are the
-  cluster centres, and ``α = 1/β`` as in the original — so thresholds and levels are the consistent
-  Lloyd–Max pair of the data. Levels are non-uniform: the grid is a ``"codebook"`` deployed as a lookup
-  table, like LCQ's.
-
-Per-channel configs learn one ``α`` and ``β`` per output channel and share ``b_i`` and ``q_c`` (in ``βx``
-units), so the thresholds in weight units are ``b_i/β_c``: one sorted row per channel. Codes count thresholds
-reached (``x ≥ b_i/β``: ties go up, where the original's ``x − b > 0`` sends them down).
+Option ``levels``: ``"uniform"`` (default) puts the targets on the bipolar (weights) or unsigned
+(activations) grid with the biases at their midpoints, so the layer deploys to the bit-serial kernels;
+``"kmeans"`` is the original's clustering, non-uniform, deployed as a codebook. Per-channel weights learn one
+``α`` and ``β`` per channel and share ``b_i`` and ``q_c``. Equations, and which choices are the paper's and
+which ours: docs/design.md, section "QN"; the measurements behind the defaults: README.md, "Measured".
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -60,12 +31,14 @@ from fxquant.quantizers.base import Quantizer, Role, search_clip_range
 from fxquant.quantizers.compiled import qn as qn_kernels
 from fxquant.quantizers.compiled.runtime import kernels_enabled
 from fxquant.quantizers.grid import QuantGrid, requantize_levels
+from fxquant.quantizers.options import QuantizerOptions
 from fxquant.quantizers.registry import register_quantizer
 
-__all__ = ["QNQuantizer", "qn_soft", "qn_hard", "kmeans_1d", "kmeans_thresholds", "LEVEL_CHOICES"]
+__all__ = ["QNQuantizer", "QNOptions", "qn_soft", "qn_hard", "kmeans_1d", "kmeans_thresholds", "LEVEL_CHOICES"]
 
 CLAMP = 10.0
-LEVEL_CHOICES = ("uniform", "kmeans")
+Levels = Literal["uniform", "kmeans"]
+LEVEL_CHOICES = get_args(Levels)
 _CHUNK_ELEMENTS = 1 << 22  # sigmoids evaluated together: bounds the memory of 8-bit (255-step) quantizers
 
 
@@ -320,32 +293,42 @@ def kmeans_thresholds(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     return torch.cummax(th, 0).values.float(), centres.float()
 
 
+@dataclass(frozen=True, eq=False)
+class QNOptions(QuantizerOptions):
+    """The temperature runs linearly from ``temperature_start`` to ``temperature_end`` over training, capped at
+    ``temperature_cap``; ``levels`` picks the target set; ``outlier_sigmas`` (``levels="kmeans"``
+    activations) drops values beyond mean + that many standard deviations before clustering (0: none)."""
+
+    temperature_start: float = 1.0
+    temperature_end: float = 20.0
+    temperature_cap: float = 2000.0
+    levels: Levels = "uniform"
+    outlier_sigmas: float = 3.0
+
+    def check(self) -> None:
+        for option in ("temperature_start", "temperature_end", "temperature_cap"):
+            if not getattr(self, option) > 0:
+                raise ConfigError(
+                    f"quantizer_options {option}={getattr(self, option)!r} is invalid: QN temperatures must be positive"
+                )
+        if not self.outlier_sigmas >= 0:
+            raise ConfigError(
+                f"quantizer_options outlier_sigmas={self.outlier_sigmas!r} is invalid: expected a number >= 0 (0: off)"
+            )
+
+
 @register_quantizer("qn")
 class QNQuantizer(Quantizer):
     """Quantization Networks: learned ``α``, ``β``; fixed biases and targets; temperature schedule."""
 
-    OPTIONS = {
-        "temperature_start": 1.0,
-        "temperature_end": 20.0,
-        "temperature_cap": 2000.0,
-        "levels": "uniform",
-        "outlier_sigmas": 3.0,
-    }
+    options_class = QNOptions
+    options: QNOptions
 
     def __init__(
-        self, bits: int, role: Role, channels: int | None = None, options: Mapping[str, Any] | None = None
+        self, bits: int, role: Role, channels: int | None = None, options: QNOptions | Mapping[str, Any] | None = None
     ) -> None:
         super().__init__(bits, role, channels, options)
-        t0, t1, cap = (float(self.options[k]) for k in ("temperature_start", "temperature_end", "temperature_cap"))
-        if self.options["levels"] not in LEVEL_CHOICES:
-            raise ConfigError(
-                f"quantizer_options levels={self.options['levels']!r} is invalid; allowed: {', '.join(LEVEL_CHOICES)}"
-            )
-        if not (0 < t0 and 0 < t1 and 0 < cap):
-            raise ConfigError(
-                f"quantizer_options temperature_start={t0}, temperature_end={t1}, temperature_cap={cap} are "
-                "invalid: QN temperatures must be positive"
-            )
+        t0, cap = self.options.temperature_start, self.options.temperature_cap
         if role == "weight" and self.bits == 1:
             raise ConfigError(
                 "quantizer 'qn' cannot quantize weights to 1 bit: its learned output scale α does not follow the "
@@ -370,7 +353,7 @@ class QNQuantizer(Quantizer):
 
     @property
     def uniform(self) -> bool:
-        return self.options["levels"] == "uniform"
+        return self.options.levels == "uniform"
 
     def uniform_targets(self, low: float) -> torch.Tensor:
         """Weights: the odd integers ``2c − n``; activations: ``c + low`` (``low`` the lowest target)."""
@@ -431,7 +414,7 @@ class QNQuantizer(Quantizer):
             scaled = x * self.view(beta, x)
         else:
             flat = x.reshape(-1)
-            sig = float(self.options["outlier_sigmas"])
+            sig = self.options.outlier_sigmas
             if sig > 0 and flat.numel() > 1:
                 keep = (flat - flat.mean()).abs() <= sig * flat.std()
                 flat = flat[keep] if bool(keep.any()) else flat
@@ -447,8 +430,8 @@ class QNQuantizer(Quantizer):
 
     def update_schedule(self, progress: float) -> None:
         """``T = min(cap, T_start + (T_end − T_start)·progress)``: the linear growth of the original code."""
-        t0, t1 = float(self.options["temperature_start"]), float(self.options["temperature_end"])
-        self.temperature.fill_(min(float(self.options["temperature_cap"]), t0 + (t1 - t0) * float(progress)))
+        t0, t1 = self.options.temperature_start, self.options.temperature_end
+        self.temperature.fill_(min(self.options.temperature_cap, t0 + (t1 - t0) * float(progress)))
 
     # -- forward --------------------------------------------------------------------------------------------
 
@@ -458,4 +441,4 @@ class QNQuantizer(Quantizer):
         return qn_soft(x, alpha, beta, self.biases, self.temperature, self.targets, evenly_spaced)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, levels={self.options['levels']}, T={float(self.temperature):g}"
+        return f"{super().extra_repr()}, levels={self.options.levels}, T={float(self.temperature):g}"

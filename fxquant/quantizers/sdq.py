@@ -1,8 +1,8 @@
 """SDQ: Stochastic Differentiable Quantization (Huang et al., ICML 2022, arXiv 2206.04459).
 
 The paper's verified idea: a Differentiable Bitwidth Parameter (DBP) is the probability factor of a
-stochastic choice between *adjacent* bit-widths. Its exact equations were not retrieved, so the mechanics
-here are ours (ALGORITHMS.md, "SDQ: our design where the paper is silent"):
+stochastic choice between *adjacent* bit-widths. Its exact equations were not available, so the mechanics
+here are ours (docs/design.md, section "SDQ"):
 
 - One learnable logit ``θ`` per quantizer; ``p = sigmoid(θ)`` is the probability of using the current
   bit-width ``b`` rather than ``b − 1``. A base quantizer (DSQ by default, option ``base``) is evaluated at
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,9 +37,10 @@ from fxquant.bits import check_bits
 from fxquant.errors import ConfigError
 from fxquant.quantizers.base import Quantizer, Role
 from fxquant.quantizers.grid import QuantGrid
+from fxquant.quantizers.options import QuantizerOptions
 from fxquant.quantizers.registry import get_quantizer, register_quantizer
 
-__all__ = ["StochasticBitwidthQuantizer", "gumbel_sigmoid"]
+__all__ = ["StochasticBitwidthQuantizer", "SDQOptions", "gumbel_sigmoid"]
 
 NOISE_EPS = 1e-6
 
@@ -57,20 +59,49 @@ def gumbel_sigmoid(
     return relaxed.detach() > 0.5, relaxed
 
 
+@dataclass(frozen=True, eq=False)
+class SDQOptions(QuantizerOptions):
+    """``base``: the fixed-bit scheme evaluated at both bit-widths, with ``base_options`` (its options; a mapping
+    is converted to the base's options class); ``min_bits``: the lowest bit-width a step-down reaches;
+    ``temperature``: the Gumbel-sigmoid's ``τ``; ``init_logit``: the DBP's ``θ`` at the start and after each
+    step-down."""
+
+    base: str = "dsq"
+    base_options: QuantizerOptions | Mapping[str, Any] = field(default_factory=dict)
+    min_bits: int = 1
+    temperature: float = 1.0
+    init_logit: float = 2.0
+
+    def check(self) -> None:
+        if self.base == "sdq":
+            raise ConfigError("quantizer_options base='sdq' is invalid: the base must be a fixed-bit scheme")
+        if not isinstance(self.base_options, Mapping):
+            raise ConfigError(f"quantizer_options base_options={self.base_options!r} must be a mapping")
+        object.__setattr__(self, "base_options", get_quantizer(self.base).parse_options(self.base_options))
+        check_bits("quantizer_options min_bits", self.min_bits)
+        if not self.temperature > 0:
+            raise ConfigError(
+                f"quantizer_options temperature={self.temperature!r} is invalid: expected a number > 0"
+            )
+        if not math.isfinite(self.init_logit):
+            raise ConfigError(f"quantizer_options init_logit={self.init_logit!r} is invalid: expected a finite number")
+
+
 @register_quantizer("sdq")
 class StochasticBitwidthQuantizer(Quantizer):
     """A base quantizer used at ``bits`` or ``bits − 1``, chosen at random with a learned probability."""
 
-    OPTIONS = {"base": "dsq", "base_options": {}, "min_bits": 1, "temperature": 1.0, "init_logit": 2.0}
+    options_class = SDQOptions
+    options: SDQOptions
 
-    def __init__(self, bits: int, role: Role, channels: int | None = None, options: Mapping[str, Any] | None = None):
+    def __init__(
+        self, bits: int, role: Role, channels: int | None = None, options: SDQOptions | Mapping[str, Any] | None = None
+    ):
         super().__init__(bits, role, channels, options)
-        self.base: Quantizer = get_quantizer(self.options["base"])(
-            bits, role, channels, dict(self.options["base_options"])
-        )
-        self.floor = int(self.options["min_bits"])
-        self.temperature = float(self.options["temperature"])
-        self.init_logit = float(self.options["init_logit"])
+        self.base: Quantizer = get_quantizer(self.options.base)(bits, role, channels, self.options.base_options)
+        self.floor = self.options.min_bits
+        self.temperature = self.options.temperature
+        self.init_logit = self.options.init_logit
         self.logit = nn.Parameter(torch.tensor(self.init_logit))
         self.register_buffer("active", torch.tensor(self.bits > self.floor))
         self.register_buffer("task_grad_sum", torch.zeros(()))
@@ -80,25 +111,6 @@ class StochasticBitwidthQuantizer(Quantizer):
         #: the bit-widths this quantizer may take, ascending (set by a search that drops bit-widths the target
         #: cannot exploit); ``None``: every bit-width from ``min_bits`` up. The lower choice is the next one down.
         self.ladder: tuple[int, ...] | None = None
-
-    @classmethod
-    def validate_options(cls, options: dict[str, Any]) -> None:
-        super().validate_options(options)
-        base = options.get("base", cls.OPTIONS["base"])
-        if base == cls.scheme or base == "sdq":
-            raise ConfigError("quantizer_options base='sdq' is invalid: the base must be a fixed-bit scheme")
-        base_options = options.get("base_options", {})
-        if not isinstance(base_options, Mapping):
-            raise ConfigError(f"quantizer_options base_options={base_options!r} must be a mapping")
-        get_quantizer(base).validate_options(dict(base_options))
-        floor = options.get("min_bits", cls.OPTIONS["min_bits"])
-        check_bits("quantizer_options min_bits", floor)
-        temperature = options.get("temperature", cls.OPTIONS["temperature"])
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ConfigError(f"quantizer_options temperature={temperature!r} is invalid: expected a number > 0")
-        init = options.get("init_logit", cls.OPTIONS["init_logit"])
-        if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
-            raise ConfigError(f"quantizer_options init_logit={init!r} is invalid: expected a finite number")
 
     # -- bit-width state ----------------------------------------------------------------------------------
 
@@ -203,4 +215,4 @@ class StochasticBitwidthQuantizer(Quantizer):
     def extra_repr(self) -> str:
         p = float(torch.sigmoid(self.logit.detach()))
         choice = f"bits={self.bits}|{self.lower_bits}, p_keep={p:.3f}" if self.stochastic else f"bits={self.bits}"
-        return f"{choice}, role={self.role}, base={self.options['base']}"
+        return f"{choice}, role={self.role}, base={self.options.base}"

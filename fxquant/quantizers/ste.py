@@ -7,13 +7,17 @@ through rounding unchanged inside the range and is zero outside it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from fxquant.errors import ConfigError
 from fxquant.quantizers.base import Quantizer, block_scratch, elementwise_blocks, split_blocks
 from fxquant.quantizers.grid import QuantGrid
+from fxquant.quantizers.options import QuantizerOptions
 from fxquant.quantizers.registry import register_quantizer
 
-__all__ = ["STEQuantizer"]
+__all__ = ["STEQuantizer", "STEOptions"]
 
 
 def _ste_block(x, low, step, n, lo, hi, out, hard) -> None:
@@ -62,9 +66,24 @@ class _STEFunction(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+@dataclass(frozen=True, eq=False)
+class STEOptions(QuantizerOptions):
+    """``momentum``: the weight of each training batch's min/max in the activation range's moving average
+    (0 keeps the range of the first batch)."""
+
+    momentum: float = 0.1
+
+    def check(self) -> None:
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ConfigError(f"quantizer_options momentum={self.momentum!r} is invalid: expected 0 <= momentum <= 1")
+
+
 @register_quantizer("ste")
 class STEQuantizer(Quantizer):
-    OPTIONS = {"momentum": 0.1}
+    """Min/max-calibrated uniform quantization with the straight-through estimator (no learned parameter)."""
+
+    options_class = STEOptions
+    options: STEOptions
 
     def __init__(self, bits, role, channels=None, options=None):
         super().__init__(bits, role, channels, options)
@@ -100,7 +119,7 @@ class STEQuantizer(Quantizer):
                 self.low.copy_(low)
                 self.high.copy_(high)
             else:
-                m = float(self.options["momentum"])
+                m = self.options.momentum
                 self.low.lerp_(low, m)
                 self.high.lerp_(high, m)
         grid = self.grid()

@@ -2,8 +2,7 @@
 
 The paper (Huang et al., ICML 2022) states that Differentiable Bitwidth Parameters (DBPs) drive a stochastic
 choice between adjacent bit-widths and that a search phase yields the mixed-precision plan; its schedule,
-cost term and rounding were not retrieved. This pass is our design (ALGORITHMS.md, "SDQ: our design where
-the paper is silent"):
+cost term and rounding were not available. This search is our design (docs/design.md, section "SDQ search"):
 
 1. **Units.** Layers that must share bits (:func:`~fxquant.passes.analysis.layer_graph.tie_groups`) form one *unit*
    per role (weights, activations), with one shared DBP and one shared noise draw per step. A unit with a

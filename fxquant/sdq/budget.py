@@ -4,7 +4,7 @@ Exactly one bound is set: the parameter-weighted average weight bit-width, the B
 (``Σ MACs × w_bits × a_bits``), the deployed size in bytes of the quantized layers (see
 :mod:`fxquant.passes.analysis.cost_model` for what each counts), or the latency in milliseconds of the integer
 kernels ``convert`` would emit on a named target (:mod:`fxquant.backends.tvm.latency_table`). The paper's cost
-target was not retrieved; offering these is our choice.
+target was not available; offering these is our choice.
 """
 
 from __future__ import annotations

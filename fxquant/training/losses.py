@@ -1,7 +1,7 @@
 """Training losses of SDQ's second phase: Entropy-aware Bin Regularization (EBR) and knowledge distillation.
 
-The paper names both (EBR is its Eq. 10, KD its Eq. 9) but the formulas were not retrieved; these are our
-designs (ALGORITHMS.md, "SDQ: our design where the paper is silent"):
+The paper names both (EBR is its Eq. 10, KD its Eq. 9) but the formulas were not available; these are our
+designs (docs/design.md, section "EBR and KD"):
 
 - **EBR**, per quantized layer, on the weight its quantizer sees (batch norm folded) and the quantizer's
   hard grid (held fixed: EBR moves weights, not the grid). Positions are measured in steps,

@@ -1,4 +1,4 @@
-"""LCQ (Yamamoto, CVPR 2021): compander, forward, gradients (ALGORITHMS.md §3), codebook levels, freeze."""
+"""LCQ (Yamamoto, CVPR 2021): compander, forward, gradients (docs/design.md, "LCQ"), codebook levels, freeze."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_forward_matches_the_paper(symmetric, s, companded):
     torch.testing.assert_close(out, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
-# -- gradients (ALGORITHMS.md §3) ---------------------------------------------------------------------------
+# -- gradients (docs/design.md, "LCQ") -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("symmetric,s", [(False, 7), (True, 3)])
