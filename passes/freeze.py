@@ -16,6 +16,7 @@ from fxquant.errors import FxQuantError
 from fxquant.integer import IntegerConv2d, IntegerLayer, IntegerLinear
 from fxquant.layers import FusedBn, QuantLayer
 from fxquant.passes.insert_quant import quant_layer_nodes
+from fxquant.passes.rewrite import replace_submodule
 
 __all__ = ["freeze", "freeze_layer", "integer_layers"]
 
@@ -78,8 +79,7 @@ def freeze(prepared: fx.GraphModule) -> fx.GraphModule:
         qlayer = modules[node.target]
         quant_node = node.args[0]
         integer = freeze_layer(qlayer, node.target)
-        parent, _, attr = node.target.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, attr, integer)
+        replace_submodule(gm, node.target, integer)
         node.replace_input_with(quant_node, quant_node.args[0])
         gm.graph.erase_node(quant_node)
     for name, module in list(gm.named_modules()):
@@ -89,8 +89,7 @@ def freeze(prepared: fx.GraphModule) -> fx.GraphModule:
                 layer = copy.deepcopy(module.layer)
                 layer.weight = nn.Parameter(weight.clone())
                 layer.bias = nn.Parameter(bias.clone())
-            parent, _, attr = name.rpartition(".")
-            setattr(gm.get_submodule(parent) if parent else gm, attr, layer)
+            replace_submodule(gm, name, layer)
     gm.graph.lint()
     gm.recompile()
     gm.meta["fxquant.frozen"] = True
