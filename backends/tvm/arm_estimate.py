@@ -316,12 +316,13 @@ def _reference_assembly(core: ArmCore) -> str:
 
     from fxquant.backends.tvm.build import arm_target_dict
     from fxquant.backends.tvm.kernels import conv2d_primfunc
-    from fxquant.integer import IntegerConv2d
+    from fxquant.integer import FrozenConv2d, frozen_layer
 
     out_c, in_c, k, size = REFERENCE_LAYER
     codes = torch.randint(0, 2, (out_c, in_c, k, k), generator=torch.Generator().manual_seed(0))
-    layer = IntegerConv2d(
-        weight_int=2 * codes - 1, weight_codes=codes, weight_scale=torch.ones(out_c), bias=None, weight_bits=1,
+    layer = frozen_layer(
+        FrozenConv2d, weight_int=2 * codes - 1, weight_codes=codes, weight_scale=torch.ones(out_c), bias=None,
+        weight_bits=1,
         weight_encoding="bipolar", act_bits=1, input_low=torch.tensor(0.0), input_step=torch.tensor(1.0),
         stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1,
     )

@@ -1,11 +1,12 @@
 """Bit-serial popcount kernels for frozen integer conv/dense layers: the interface the Relax lowering calls.
 
+Every function takes the layer's :class:`~fxquant.integer.FrozenLayer` description (data, not a module).
 ``pack_weights`` packs a layer's weight codes once (layout in :mod:`.layout`); ``conv2d_primfunc`` and
 ``dense_primfunc`` return one scheduled PrimFunc per layer call with parameters
 
     codes          int32, NCHW (conv) or (N, K) (dense), activation codes in [0, 2^act_bits - 1]
     packed_weight  uint64, exactly the array ``pack_weights`` returned
-    out            int32, NCHW (conv) or (N, O) (dense): the exact accumulator ``layer.accumulate(codes)``
+    out            int32, NCHW (conv) or (N, O) (dense): the exact accumulator ``integer.accumulate(layer, codes)``
 
 Activation codes are bit-packed inside the PrimFunc (no extra call). For ``weight_encoding == "bipolar"`` a
 weight code ``c`` means ``2c - (2^wb - 1)``; the kernel counts ``sum a*c`` with unsigned popcounts and returns
@@ -26,7 +27,7 @@ import tvm
 from tvm import tirx
 from tvm.target.codegen import llvm_cpu_has_features
 
-from fxquant.integer import IntegerConv2d, IntegerLayer, IntegerLinear
+from fxquant.integer import FrozenConv2d, FrozenLayer, FrozenLinear, input_channels
 
 from .geometry import ConvGeometry, resolve_padding
 from .layout import pack_weights_array
@@ -54,18 +55,18 @@ def _weight_values(codes: np.ndarray, bits: int, encoding: str) -> np.ndarray:
     return 2 * codes - ((1 << bits) - 1) if encoding == "bipolar" else codes
 
 
-def bitserial_supported(layer: IntegerLayer, max_bits: int = 4) -> tuple[bool, str]:
+def bitserial_supported(layer: FrozenLayer, max_bits: int = 4) -> tuple[bool, str]:
     """(ok, reason if not): what these kernels can compute exactly for ``layer``."""
-    if not isinstance(layer, IntegerConv2d | IntegerLinear):
-        return False, f"{type(layer).__name__} is neither IntegerConv2d nor IntegerLinear"
-    if isinstance(layer, IntegerConv2d) and layer.groups != 1:
+    if not isinstance(layer, FrozenConv2d | FrozenLinear):
+        return False, f"{type(layer).__name__} is neither FrozenConv2d nor FrozenLinear"
+    if isinstance(layer, FrozenConv2d) and layer.groups != 1:
         return False, f"groups={layer.groups} (only groups=1 is bit-serial)"
     if layer.weight_encoding not in ENCODINGS:
         return False, f"weight_encoding={layer.weight_encoding!r} is not one of {ENCODINGS}"
     for what, bits in (("weight_bits", layer.weight_bits), ("act_bits", layer.act_bits)):
         if not 1 <= bits <= max_bits:
             return False, f"{what}={bits} outside 1..{max_bits}"
-    if getattr(layer, "input_levels_int", None) is not None:
+    if layer.input_levels_int is not None:
         return False, "codebook input levels are not bit-planes of codes"
     codes = layer.weight_codes.cpu().numpy()
     if codes.size and int(codes.max()) >= 1 << layer.weight_bits:
@@ -76,16 +77,16 @@ def bitserial_supported(layer: IntegerLayer, max_bits: int = 4) -> tuple[bool, s
     return True, ""
 
 
-def pack_weights(layer: IntegerLayer) -> np.ndarray:
+def pack_weights(layer: FrozenLayer) -> np.ndarray:
     """The ``packed_weight`` argument: uint64 bit-planes of ``layer.weight_codes`` (see :mod:`.layout`)."""
     return pack_weights_array(layer.weight_codes.cpu().numpy(), layer.weight_bits)
 
 
-def conv_geometry(layer: IntegerConv2d, input_shape: tuple[int, int, int, int]) -> ConvGeometry:
+def conv_geometry(layer: FrozenConv2d, input_shape: tuple[int, int, int, int]) -> ConvGeometry:
     """Shapes of one conv call; the input must have the layer's channel count."""
     n, c, h, w = (int(d) for d in input_shape)
-    if c != layer.input_channels:
-        raise ValueError(f"input has {c} channels, layer {layer.name or 'conv'} expects {layer.input_channels}")
+    if c != input_channels(layer):
+        raise ValueError(f"input has {c} channels, layer {layer.name or 'conv'} expects {input_channels(layer)}")
     out_c, _, kh, kw = layer.weight_codes.shape
     dilation = (int(layer.dilation[0]), int(layer.dilation[1]))
     return ConvGeometry(
@@ -105,11 +106,11 @@ def conv_geometry(layer: IntegerConv2d, input_shape: tuple[int, int, int, int]) 
     )
 
 
-def dense_geometry(layer: IntegerLinear, input_shape: tuple[int, int]) -> ConvGeometry:
+def dense_geometry(layer: FrozenLinear, input_shape: tuple[int, int]) -> ConvGeometry:
     """A dense call as a 1x1 convolution of a 1x1 image, features as channels."""
     n, k = (int(d) for d in input_shape)
-    if k != layer.input_channels:
-        raise ValueError(f"input has {k} features, layer {layer.name or 'linear'} expects {layer.input_channels}")
+    if k != input_channels(layer):
+        raise ValueError(f"input has {k} features, layer {layer.name or 'linear'} expects {input_channels(layer)}")
     return ConvGeometry(
         batch=n,
         in_channels=k,
@@ -155,7 +156,7 @@ def _tag_isa(func: tirx.PrimFunc, isa: PopcountIsa) -> tirx.PrimFunc:
 
 
 def conv2d_primfunc(
-    layer: IntegerConv2d, input_shape: tuple[int, int, int, int], target: tvm.target.Target
+    layer: FrozenConv2d, input_shape: tuple[int, int, int, int], target: tvm.target.Target
 ) -> tirx.PrimFunc:
     """Scheduled PrimFunc ``(codes, packed_weight, out)`` for one conv call on ``input_shape`` (NCHW).
 
@@ -170,7 +171,7 @@ def conv2d_primfunc(
     return _tag_isa(build_bitserial(geom, isa, isa.tiling(geom)), isa)
 
 
-def dense_primfunc(layer: IntegerLinear, input_shape: tuple[int, int], target: tvm.target.Target) -> tirx.PrimFunc:
+def dense_primfunc(layer: FrozenLinear, input_shape: tuple[int, int], target: tvm.target.Target) -> tirx.PrimFunc:
     """Scheduled PrimFunc ``(codes, packed_weight, out)`` for one dense call on ``(N, K)`` codes.
 
     Built as a 1x1 convolution of a 1x1 image; ``global_symbol`` is ``"bitserial_dense"``.
