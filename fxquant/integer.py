@@ -41,8 +41,8 @@ if TYPE_CHECKING:
 __all__ = [
     "FrozenLayer", "FrozenConv2d", "FrozenLinear", "frozen_layer", "freeze_weights", "input_channels",
     "accumulator_bound", "exact_dtype", "input_codes", "codes_from_values", "input_values", "accumulate",
-    "offset_accumulator", "rescale", "integer_output", "describe", "integer_module",
-    "IntegerLayer", "IntegerConv2d", "IntegerLinear",
+    "offset_window", "offset_accumulator", "rescale", "integer_output", "describe", "integer_module",
+    "IntegerLayer", "IntegerConv2d", "IntegerLinear", "INTEGER_MODULES", "TENSOR_FIELDS",
 ]
 
 
