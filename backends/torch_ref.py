@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from torch import fx
 
-from fxquant.backends.registry import register_backend
+from fxquant.backends.registry import BackendCapabilities, register_backend
 
-__all__ = ["lower_torch"]
+__all__ = ["lower_torch", "CAPABILITIES"]
+
+#: the graph runs as it is: every node torch runs, both layer kinds, every bit-width and encoding prepare makes
+CAPABILITIES = BackendCapabilities()
 
 
-@register_backend("torch")
+@register_backend("torch", CAPABILITIES)
 def lower_torch(frozen: fx.GraphModule) -> fx.GraphModule:
     """Return the frozen graph in eval mode: calling it runs the integer reference."""
     return frozen.eval()

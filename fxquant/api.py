@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxquant.backends.registry import get_backend
+from fxquant.backends.registry import check_supported, get_backend
 from fxquant.config import QuantConfig
 from fxquant.errors import ConfigError, FxQuantError, NumericsError
 from fxquant.input_guard import check_finite
@@ -109,6 +109,9 @@ def freeze_bn_stats(model: nn.Module, frozen: bool = True) -> None:
 def convert(model: fx.GraphModule, backend: str = "torch", **options: Any) -> Any:
     """Hard-quantize a prepared model and lower it to ``backend`` (``"torch"``, ``"tvm-llvm"``, ``"tvm-arm"``).
 
+    The frozen graph is checked against the backend's declared capabilities before lowering starts: every
+    node it cannot lower is listed in one :class:`~fxquant.UnsupportedOpError`.
+
     Example::
 
         ref = fxquant.convert(qmodel, backend="torch")   # the integer-exact reference nn.Module
@@ -118,6 +121,7 @@ def convert(model: fx.GraphModule, backend: str = "torch", **options: Any) -> An
     lower = get_backend(backend)
     frozen = freeze(model)
     _check_finite_state(frozen)
+    check_supported(backend, frozen)
     return lower(frozen, **options)
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxquant.integer import FrozenLayer, codes_from_values, freeze_weights, integer_output
 from fxquant.placement import autocast_dtype
 from fxquant.quantizers.base import Quantizer
 
@@ -153,16 +154,19 @@ class QuantLayer(nn.Module):
         # with frozen statistics, training folds the running statistics too (no batch-statistics path)
         self.register_buffer("bn_frozen", torch.tensor(False))
 
-    def integer_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval path: recover the input codes (``x`` is on the input grid) and run the integer layer."""
-        from fxquant.passes.freeze import freeze_layer
+    def freeze(self, name: str = "") -> FrozenLayer:
+        """The deployed integer layer as data (running BN statistics folded in): what ``freeze`` records."""
+        with torch.no_grad():
+            weight, bias = self.folded_weight_bias()
+            return freeze_weights(self.layer, weight, bias, self.weight_quant, self.input_quant, name)
 
+    def integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval path: recover the input codes (``x`` is on the input grid) and run the integer arithmetic."""
         if not bool(self.weight_quant.initialized):
             with torch.no_grad():
                 self.weight_quant.ensure_initialized(self.folded_weight_bias()[0])
-        frozen = freeze_layer(self)
-        codes = frozen.codes_from_values(x)
-        return frozen.integer_output(codes)
+        frozen = self.freeze()
+        return integer_output(frozen, codes_from_values(frozen, x))
 
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weight the quantizer sees and the bias of the deployed layer (running BN statistics)."""

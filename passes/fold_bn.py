@@ -11,6 +11,7 @@ import torch
 from torch import fx, nn
 
 from fxquant.layers import FusedBn, fold_bn_into
+from fxquant.passes.rewrite import replace_submodule
 
 __all__ = ["fold_bn", "fuse_bn_for_qat", "conv_bn_pairs"]
 
@@ -40,8 +41,7 @@ def conv_bn_pairs(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
 
 
 def _replace_pair(gm: fx.GraphModule, layer_node: fx.Node, bn_node: fx.Node, new_module: nn.Module) -> None:
-    parent, _, attr = layer_node.target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, attr, new_module)
+    replace_submodule(gm, layer_node.target, new_module)
     bn_node.replace_all_uses_with(layer_node)
     gm.graph.erase_node(bn_node)
     gm.delete_submodule(bn_node.target)  # the fused module owns it now; no alias stays behind

@@ -16,7 +16,7 @@ from torch import fx
 from fxquant.backends.registry import register_backend
 from fxquant.backends.tvm.artifact import Artifact, export_artifact, load_manifest, verify_artifact
 from fxquant.backends.tvm.build import arm_target_dict, compile_module, host_target_dict, make_target
-from fxquant.backends.tvm.lower import lower_graph, register_converter
+from fxquant.backends.tvm.lower import CAPABILITIES, lower_graph, register_converter
 from fxquant.backends.tvm.manifest import build_manifest
 from fxquant.backends.tvm.options import ArmOptions, TvmOptions
 from fxquant.backends.tvm.runtime import TvmModule
@@ -37,7 +37,7 @@ def _lower_and_compile(
     return lowered, build, build_manifest(backend, lowered, build, target, opts)
 
 
-@register_backend("tvm-llvm")
+@register_backend("tvm-llvm", CAPABILITIES)
 def lower_tvm_llvm(frozen: fx.GraphModule, **options: Any) -> TvmModule:
     """Compile for this machine's CPU; returns a callable module with ``.manifest`` and ``.report()``."""
     opts = TvmOptions.parse("tvm-llvm", options)
@@ -47,7 +47,7 @@ def lower_tvm_llvm(frozen: fx.GraphModule, **options: Any) -> TvmModule:
                      lowered.accumulators, opts.num_threads)
 
 
-@register_backend("tvm-arm")
+@register_backend("tvm-arm", CAPABILITIES)
 def lower_tvm_arm(frozen: fx.GraphModule, **options: Any) -> Artifact:
     """Cross-compile for aarch64 + NEON and write ``output_dir`` (model.so, manifest.json, run_model.py).
 

@@ -34,7 +34,7 @@ from fxquant.backends.tvm.kernels.layout import MAX_CHUNK, OC_BLOCK
 from fxquant.backends.tvm.kernels.microkernel import paired_runs
 from fxquant.backends.tvm.kernels.schedule_arm import NeonIsa
 from fxquant.errors import BackendError
-from fxquant.integer import IntegerConv2d
+from fxquant.integer import FrozenConv2d, frozen_layer
 
 __all__ = [
     "Instruction",
@@ -323,8 +323,9 @@ def _reference_assembly(core: ArmCore) -> str:
 
     out_c, in_c, k, size = REFERENCE_LAYER
     codes = torch.randint(0, 2, (out_c, in_c, k, k), generator=torch.Generator().manual_seed(0))
-    layer = IntegerConv2d(
-        weight_int=2 * codes - 1, weight_codes=codes, weight_scale=torch.ones(out_c), bias=None, weight_bits=1,
+    layer = frozen_layer(
+        FrozenConv2d, weight_int=2 * codes - 1, weight_codes=codes, weight_scale=torch.ones(out_c), bias=None,
+        weight_bits=1,
         weight_encoding="bipolar", act_bits=1, input_low=torch.tensor(0.0), input_step=torch.tensor(1.0),
         stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1,
     )

@@ -11,6 +11,7 @@ import tvm
 from torch import fx, nn
 from tvm import relax, tirx
 
+from fxquant.backends.registry import node_label
 from fxquant.backends.tvm.options import TvmOptions
 from fxquant.errors import BackendError
 
@@ -29,18 +30,6 @@ class LayerRecord:
     reason: str
     facts: dict[str, Any] = field(default_factory=dict)
 
-
-def node_label(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    """``name (op target)`` with the module type for call_module: how errors name a node."""
-    if node.op == "call_module":
-        module = modules.get(str(node.target))
-        what = f"{type(module).__module__}.{type(module).__name__}" if module is not None else "missing module"
-        return f"{node.name} (call_module {node.target}: {what})"
-    if node.op == "call_function":
-        target = node.target
-        what = f"{getattr(target, '__module__', '') or ''}.{getattr(target, '__name__', repr(target))}".lstrip(".")
-        return f"{node.name} (call_function {what})"
-    return f"{node.name} ({node.op} {node.target})"
 
 
 @dataclass

@@ -31,7 +31,7 @@ from tvm import tirx
 
 from fxquant.backends.tvm.arm_estimate import estimate_bitserial_us
 from fxquant.conv_geometry import ConvGeometry, DenseGeometry
-from fxquant.integer import IntegerLayer
+from fxquant.integer import FrozenLayer, accumulate, input_values
 from fxquant.tvm_host import ensure_pool_size
 
 __all__ = ["KernelPlan", "HostTimer", "StaticModel", "KernelMismatch", "cost_cache_path", "host_identity"]
@@ -82,11 +82,11 @@ def _geometry_key(geom: ConvGeometry | DenseGeometry) -> str:
     return json.dumps(geom.__dict__, sort_keys=True, default=list)
 
 
-def _random_input(layer: IntegerLayer, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+def _random_input(layer: FrozenLayer, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     """Codes in the layer's range (the values the kernel multiplies, looked up for codebook inputs)."""
     generator = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2**layer.act_bits, shape, generator=generator, dtype=torch.int32)
-    return layer.input_values(codes).to(torch.int32)
+    return input_values(layer, codes).to(torch.int32)
 
 
 class HostTimer:
@@ -120,12 +120,12 @@ class HostTimer:
         except OSError:
             pass
 
-    def key(self, plan: KernelPlan, layer: IntegerLayer, geom: ConvGeometry | DenseGeometry) -> str:
+    def key(self, plan: KernelPlan, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry) -> str:
         bits = f"w{layer.weight_bits}a{layer.act_bits}{layer.weight_encoding}" if plan.kind == "bitserial" else ""
         return "|".join((host_identity(), f"t{self.threads}", plan.version, plan.kind, plan.detail, bits,
                          _geometry_key(geom)))
 
-    def cost_us(self, plan: KernelPlan, layer: IntegerLayer, geom: ConvGeometry | DenseGeometry) -> float:
+    def cost_us(self, plan: KernelPlan, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry) -> float:
         key = self.key(plan, layer, geom)
         if key in self._entries:
             return self._entries[key]
@@ -134,12 +134,12 @@ class HostTimer:
         self._save()
         return self._entries[key]
 
-    def _time(self, plan: KernelPlan, layer: IntegerLayer, geom: ConvGeometry | DenseGeometry) -> float:
+    def _time(self, plan: KernelPlan, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry) -> float:
         func, packed = plan.build()
         func = func.with_attr("global_symbol", "main")
         lib = tvm.compile(tvm.IRModule({"main": func}), target=self.target)
         values = _random_input(layer, geom.input_shape)
-        want = layer.accumulate(values).numpy()
+        want = accumulate(layer, values).numpy()
         device = tvm.cpu()
         args = [tvm.runtime.tensor(values.numpy(), device), tvm.runtime.tensor(packed, device),
                 tvm.runtime.tensor(np.zeros(geom.output_shape, np.int32), device)]
@@ -178,7 +178,7 @@ class StaticModel:
         triple = str(target.attrs.get("mtriple", "") or "")
         self.arm = triple.startswith(("aarch64", "arm64"))
 
-    def _arm_bitserial_us(self, layer: IntegerLayer, geom: ConvGeometry | DenseGeometry) -> float:
+    def _arm_bitserial_us(self, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry) -> float:
         """The named core's hot loop as generated (llvm-mca, or an instruction count without it; docs/arm.md)."""
         return estimate_bitserial_us(self.cpu or "generic", geom.macs, layer.weight_bits, layer.act_bits)
 
@@ -194,7 +194,7 @@ class StaticModel:
         table = _X86_RATES[plan.kind]
         return table.get(plan.detail, min(table.values())), _GHZ_X86
 
-    def cost_us(self, plan: KernelPlan, layer: IntegerLayer, geom: ConvGeometry | DenseGeometry) -> float:
+    def cost_us(self, plan: KernelPlan, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry) -> float:
         if self.arm and plan.kind == "bitserial":
             return round(self._arm_bitserial_us(layer, geom) / max(1, self.threads), 2)
         rate, ghz = self._rate(plan)

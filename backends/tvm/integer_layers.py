@@ -1,9 +1,11 @@
 """Converters of the frozen integer layers: quantize to codes, accumulate in int32, rescale in float32.
 
-Per layer: ``codes = quantize(x)`` (uniform rounding, thresholds, and a lookup for codebook inputs),
-``acc = kernel(codes, packed_weight)`` through ``call_tir`` (the bit-serial kernel or the direct integer
-kernel, see :mod:`fxquant.backends.tvm.selection`), then ``acc * out_scale + const`` where ``const`` (bias
-plus the input-offset term) is computed once here with the reference's own float32 code.
+Everything here reads the layer's :class:`~fxquant.integer.FrozenLayer` description (``module.frozen``), never
+the torch module. Per layer: ``codes = quantize(x)`` (uniform rounding, thresholds, and a lookup for codebook
+inputs), ``acc = kernel(codes, packed_weight)`` through ``call_tir`` (the bit-serial kernel or the direct
+integer kernel, see :mod:`fxquant.backends.tvm.selection`), then ``acc * out_scale + const`` where ``const``
+(bias plus the input-offset term) is computed once here with the reference's own float32 code
+(:func:`fxquant.integer.rescale`).
 """
 
 from __future__ import annotations
@@ -34,9 +36,24 @@ from fxquant.backends.tvm.selection import (
 )
 from fxquant.conv_geometry import PADDING_MODES, ConvGeometry, DenseGeometry, conv_geometry
 from fxquant.errors import BackendError
-from fxquant.integer import IntegerConv2d, IntegerLayer, IntegerLinear
+from fxquant.integer import (
+    FrozenConv2d,
+    FrozenLayer,
+    FrozenLinear,
+    IntegerConv2d,
+    IntegerLayer,
+    IntegerLinear,
+    accumulator_bound,
+    describe,
+    input_channels,
+    offset_accumulator,
+    rescale,
+)
 
-__all__ = ["MODULE_CONVERTERS", "integer_layer_problem", "padded_thresholds", "layer_geometry", "choose_layer_kernel"]
+__all__ = [
+    "MODULE_CONVERTERS", "LAYER_KINDS", "integer_layer_problem", "padded_thresholds", "layer_geometry",
+    "choose_layer_kernel",
+]
 
 INT32_MAX = 2**31 - 1
 
@@ -45,25 +62,26 @@ def _safe(name: str) -> str:
     return re.sub(r"\W", "_", name) or "layer"
 
 
-def integer_layer_problem(node: fx.Node, layer: nn.Module | None) -> str | None:
-    """Why an integer layer cannot be lowered (static facts only), or None."""
-    assert isinstance(layer, IntegerLayer)
+def integer_layer_problem(node: fx.Node, module: nn.Module | None) -> str | None:
+    """Why an integer layer cannot be lowered (static facts of its description only), or None."""
+    assert isinstance(module, IntegerLayer)
+    layer = module.frozen
     thresholds = layer.input_thresholds
     if thresholds is not None and thresholds.dim() > 1:
         return "per-channel activation thresholds are not supported"
-    if layer.accumulator_bound > INT32_MAX:
-        return f"accumulator bound {layer.accumulator_bound} overflows int32"
-    if isinstance(layer, IntegerConv2d) and isinstance(layer.padding, str) and layer.padding not in PADDING_MODES:
+    if accumulator_bound(layer) > INT32_MAX:
+        return f"accumulator bound {accumulator_bound(layer)} overflows int32"
+    if isinstance(layer, FrozenConv2d) and isinstance(layer.padding, str) and layer.padding not in PADDING_MODES:
         return f"padding={layer.padding!r}"
     return None
 
 
-def padded_thresholds(layer: IntegerLayer) -> np.ndarray:
+def padded_thresholds(layer: FrozenLayer) -> np.ndarray:
     """The thresholds as a sorted float32 vector (sorted is what ``bucketize`` assumes too)."""
     return np.sort(layer.input_thresholds.detach().cpu().numpy().astype(np.float32).reshape(-1))
 
 
-def _quantize(ctx: LoweringContext, layer: IntegerLayer, x: relax.Expr) -> relax.Expr:
+def _quantize(ctx: LoweringContext, layer: FrozenLayer, x: relax.Expr) -> relax.Expr:
     """Float input -> the integers the kernel multiplies (codes, or codebook values)."""
     hint = f"quantize_{_safe(layer.name)}"
     if layer.input_thresholds is not None:
@@ -72,7 +90,7 @@ def _quantize(ctx: LoweringContext, layer: IntegerLayer, x: relax.Expr) -> relax
     else:
         low, step = float(layer.input_low), float(layer.input_step)
         codes = ctx.bb.emit_te(integer_ops.uniform_codes, x, low, step, layer.act_bits, primfunc_name_hint=hint)
-    table = getattr(layer, "input_levels_int", None)
+    table = layer.input_levels_int
     if table is not None:
         values = relax.const(table.detach().cpu().numpy().astype(np.int32).reshape(-1))
         hint = f"levels_{_safe(layer.name)}"
@@ -80,19 +98,19 @@ def _quantize(ctx: LoweringContext, layer: IntegerLayer, x: relax.Expr) -> relax
     return codes
 
 
-def _rescale_constants(layer: IntegerLayer, input_shape: tuple[int, ...], acc_rank: int) -> tuple[np.ndarray, ...]:
+def _rescale_constants(layer: FrozenLayer, input_shape: tuple[int, ...], acc_rank: int) -> tuple[np.ndarray, ...]:
     """``out_scale`` and ``const`` shaped to broadcast against the accumulator, from the reference's code."""
     out_ch = layer.weight_int.shape[0]
     shape = (1, out_ch) + (1,) * (acc_rank - 2)
     with torch.no_grad():
-        offset = layer.offset_accumulator(torch.zeros((1, *input_shape[1:])))
+        offset = offset_accumulator(layer, (1, *input_shape[1:]))
         zeros = torch.zeros(offset.shape if offset is not None else shape, dtype=torch.int64)
-        const = layer.rescale(zeros, offset).reshape(offset.shape if offset is not None else shape)
+        const = rescale(layer, zeros, offset).reshape(offset.shape if offset is not None else shape)
     scale = layer.out_scale.detach().reshape(shape)
     return scale.numpy().astype(np.float32), const.numpy().astype(np.float32)
 
 
-def _direct_plan(ctx: LoweringContext, layer: IntegerLayer, geom: ConvGeometry | DenseGeometry) -> KernelPlan:
+def _direct_plan(ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry) -> KernelPlan:
     weight_dtype = weight_storage_dtype(layer)
     tiling = direct_tiling(geom)
     key = ("direct", geom, weight_dtype, tiling)
@@ -106,7 +124,7 @@ def _direct_plan(ctx: LoweringContext, layer: IntegerLayer, geom: ConvGeometry |
     return KernelPlan("direct", tiling.layout, DIRECT_VERSION, once, tiling.as_dict())
 
 
-def _dot_plan(ctx: LoweringContext, layer: IntegerLayer, geom: ConvGeometry | DenseGeometry) -> KernelPlan:
+def _dot_plan(ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry) -> KernelPlan:
     kernel_w = geom.kernel[1] if isinstance(geom, ConvGeometry) else 1
     channels = geom.in_channels if isinstance(geom, ConvGeometry) else geom.in_features
     ranges = value_ranges(layer)
@@ -123,7 +141,7 @@ def _dot_plan(ctx: LoweringContext, layer: IntegerLayer, geom: ConvGeometry | De
     return KernelPlan("dot", isa.name, DOT_VERSION, once, tiling.as_dict())
 
 
-def _bitserial_plan(ctx: LoweringContext, layer: IntegerLayer, shape: tuple[int, ...]) -> KernelPlan:
+def _bitserial_plan(ctx: LoweringContext, layer: FrozenLayer, shape: tuple[int, ...]) -> KernelPlan:
     module = ctx.bitserial
     assert module is not None
     isa = module.select_isa(ctx.target).name if hasattr(module, "select_isa") else "bitserial"
@@ -132,7 +150,7 @@ def _bitserial_plan(ctx: LoweringContext, layer: IntegerLayer, shape: tuple[int,
     extra = {} if tiling is None else {"tiling": tiling}
 
     def plan() -> tuple[Any, np.ndarray]:
-        build = module.conv2d_primfunc if isinstance(layer, IntegerConv2d) else module.dense_primfunc
+        build = module.conv2d_primfunc if isinstance(layer, FrozenConv2d) else module.dense_primfunc
         func = build(layer, tuple(shape), ctx.target, **extra)
         return func, np.ascontiguousarray(module.pack_weights(layer))
 
@@ -142,7 +160,7 @@ def _bitserial_plan(ctx: LoweringContext, layer: IntegerLayer, shape: tuple[int,
 
 
 def _candidates(
-    ctx: LoweringContext, layer: IntegerLayer, geom: ConvGeometry | DenseGeometry, shape: tuple[int, ...]
+    ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry, shape: tuple[int, ...]
 ) -> tuple[dict[str, KernelPlan], dict[str, str]]:
     """Every exact kernel for this layer (cheapest-first order does not matter) and why the others are out."""
     plans: dict[str, KernelPlan] = {}
@@ -162,21 +180,22 @@ def _candidates(
     return plans, declined
 
 
-def layer_geometry(layer: IntegerLayer, shape: tuple[int, ...]) -> ConvGeometry | DenseGeometry:
+def layer_geometry(layer: FrozenLayer, shape: tuple[int, ...]) -> ConvGeometry | DenseGeometry:
     """The kernel geometry of ``layer`` on an input of static ``shape``."""
-    if isinstance(layer, IntegerConv2d):
-        if len(shape) < 2 or shape[1] != layer.input_channels:
-            raise BackendError(f"layer {layer.name}: expects {layer.input_channels} input channels, got shape {shape}")
+    channels = input_channels(layer)
+    if isinstance(layer, FrozenConv2d):
+        if len(shape) < 2 or shape[1] != channels:
+            raise BackendError(f"layer {layer.name}: expects {channels} input channels, got shape {shape}")
         return conv_geometry(
             shape, tuple(layer.weight_int.shape), layer.stride, layer.padding, layer.dilation, layer.groups, layer.name
         )
-    if len(shape) != 2 or shape[1] != layer.input_channels:
-        raise BackendError(f"layer {layer.name}: expects a (N, {layer.input_channels}) input, got shape {shape}")
+    if len(shape) != 2 or shape[1] != channels:
+        raise BackendError(f"layer {layer.name}: expects a (N, {channels}) input, got shape {shape}")
     return DenseGeometry(shape[0], shape[1], int(layer.weight_int.shape[0]))
 
 
 def choose_layer_kernel(
-    ctx: LoweringContext, layer: IntegerLayer, geom: ConvGeometry | DenseGeometry, shape: tuple[int, ...], name: str
+    ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry, shape: tuple[int, ...], name: str
 ) -> KernelChoice:
     """The kernel ``convert`` gives this layer under ``ctx``'s options and cost model (also what the latency
     table of a bit-width search prices, so that both agree)."""
@@ -188,10 +207,11 @@ def choose_layer_kernel(
 
 
 def _emit_integer_layer(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
-    layer = ctx.module(node)
-    assert isinstance(layer, IntegerLayer)
+    module = ctx.module(node)
+    assert isinstance(module, IntegerLayer)
+    layer = module.frozen
     x, lead = ctx.value(node.args[0]), None
-    if isinstance(layer, IntegerLinear):  # (..., C) tokens -> (rows, C): the dense kernels see a 2-D input
+    if isinstance(layer, FrozenLinear):  # (..., C) tokens -> (rows, C): the dense kernels see a 2-D input
         x, lead = rows_of(ctx, x)
     shape = ctx.shape(x)
     geom = layer_geometry(layer, shape)
@@ -210,7 +230,7 @@ def _emit_integer_layer(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
     hint = f"rescale_{_safe(layer.name)}"
     out = ctx.bb.emit_te(integer_ops.rescale, acc, relax.const(scale), relax.const(const), primfunc_name_hint=hint)
     facts = {
-        **layer.describe(),
+        **describe(layer),
         "layout": plan.detail,
         "tiling": dict(plan.tiling or {}),
         "macs": geom.macs,
@@ -224,10 +244,12 @@ def _emit_integer_layer(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
         facts["estimate_us"] = choice.costs_us[choice.kind]
     if lead is not None:
         facts["leading_shape"] = list(lead)
-    ctx.layers.append(LayerRecord(name, type(layer).__name__, choice.kind, choice.reason, facts))
+    ctx.layers.append(LayerRecord(name, facts["kind"], choice.kind, choice.reason, facts))
     return unrows(ctx, out, lead)
 
 
 _INTEGER = Converter(_emit_integer_layer, integer_layer_problem)
 
 MODULE_CONVERTERS: dict[type, Converter] = {IntegerConv2d: _INTEGER, IntegerLinear: _INTEGER}
+#: the frozen-layer kinds these converters lower (part of the TVM backends' declared capabilities)
+LAYER_KINDS: tuple[type[FrozenLayer], ...] = tuple(module.KIND for module in MODULE_CONVERTERS)

@@ -2,7 +2,7 @@
 searches against.
 
 For every layer of a prepared graph and every ``(weight bits, activation bits)`` pair the search may pick,
-the layer is frozen at those bits (:func:`~fxquant.passes.freeze.freeze_layer`, its own weights and input
+the layer is frozen at those bits (:meth:`~fxquant.layers.QuantLayer.freeze`, its own weights and input
 grid) and priced by exactly the code ``convert`` runs for it (:func:`~.integer_layers.choose_layer_kernel`):
 the cheapest exact kernel among bit-serial / dot / direct under the target's cost model, and that kernel's
 cost. Targets:
@@ -38,8 +38,7 @@ from fxquant.backends.tvm.options import TvmOptions
 from fxquant.backends.tvm.selection import bitserial_module
 from fxquant.errors import ConfigError
 from fxquant.layers import QuantLayer
-from fxquant.passes.freeze import freeze_layer
-from fxquant.passes.insert_quant import quant_layer_nodes
+from fxquant.passes.analysis.layer_nodes import quant_layer_nodes
 
 __all__ = ["LatencyTable", "build_latency_table", "TABLE_VERSION", "pair_key", "parse_pair_key"]
 
@@ -167,7 +166,7 @@ def build_latency_table(
         ctx = LoweringContext(relax.BlockBuilder(), {}, tvm_target, options, module, cost, prior)
         for pair in sorted(set(pairs[name])):
             _set_bits(work_copy, pair)
-            layer = freeze_layer(work_copy, f"{name}@{pair_key(pair)}")  # distinct name: plans are per layer name
+            layer = work_copy.freeze(f"{name}@{pair_key(pair)}")  # distinct name: plans are per layer name
             geom = layer_geometry(layer, shape)
             choice = choose_layer_kernel(ctx, layer, geom, shape, name)
             us = choice.costs_us.get(choice.kind)

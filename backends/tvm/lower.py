@@ -3,8 +3,9 @@
 The table maps module types, functions and method names to :class:`~fxquant.backends.tvm.context.Converter`
 objects (see ``elementwise``, ``structure``, ``float_layers``, ``transformer``, ``integer_layers``, and the
 user's entries from :func:`register_converter`); float ops it lacks fall back to TVM's own FX importer
-(``relax_frontend``). Before anything is emitted, every node is checked and all unsupported ones are reported
-together in one :class:`~fxquant.UnsupportedOpError`.
+(``relax_frontend``). The tables are also the backends' declared capabilities (:data:`CAPABILITIES`), which
+``fxquant.convert`` checks before lowering starts: all unsupported nodes are reported together in one
+:class:`~fxquant.UnsupportedOpError`; :func:`lower_graph` checks them too when it is called directly.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import tvm
 from torch import fx, nn
 from tvm import relax
 
+from fxquant.backends.registry import BackendCapabilities, node_label
+from fxquant.backends.registry import unsupported_nodes as registry_unsupported_nodes
 from fxquant.backends.tvm import elementwise, float_layers, integer_layers, structure, transformer
-from fxquant.backends.tvm.context import Converter, LayerRecord, LoweringContext, node_label
+from fxquant.backends.tvm.context import Converter, LayerRecord, LoweringContext
 from fxquant.backends.tvm.cost import HostTimer, StaticModel
 from fxquant.backends.tvm.options import TvmOptions
 from fxquant.backends.tvm.relax_frontend import tvm_converter
@@ -37,6 +40,8 @@ __all__ = [
     "converter_for",
     "register_converter",
     "unsupported_nodes",
+    "node_problem",
+    "CAPABILITIES",
     "input_specs",
     "lower_graph",
     "STAGE",
@@ -166,31 +171,33 @@ def _output_nodes(node: fx.Node) -> tuple[list[Any], bool]:
     return [value], False
 
 
+def node_problem(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """Why the TVM backends cannot lower ``node`` (None: they can): the converter tables as a check."""
+    if node.op == "placeholder":
+        meta = node.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "dtype") and meta.dtype != torch.float32:
+            return f"input dtype {meta.dtype} (only float32 inputs)"
+        return None
+    if node.op == "get_attr":
+        return None
+    if node.op == "output":
+        values, _ = _output_nodes(node)
+        if not all(isinstance(v, fx.Node) for v in values):
+            return "outputs must be a tensor or a flat tuple of tensors"
+        return None
+    converter = converter_for(node, modules)
+    if converter is None:
+        return "no converter"
+    return converter.unsupported_reason(node, modules.get(str(node.target)) if node.op == "call_module" else None)
+
+
+#: what the TVM backends lower: the integer-layer kinds of their converters and every node their tables take
+CAPABILITIES = BackendCapabilities(layer_kinds=integer_layers.LAYER_KINDS, node_problem=node_problem, stage=STAGE)
+
+
 def unsupported_nodes(gm: fx.GraphModule) -> list[str]:
-    """Every node the TVM backends cannot lower, each with the reason."""
-    modules = dict(gm.named_modules())
-    problems: list[str] = []
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            meta = node.meta.get("tensor_meta")
-            if meta is not None and hasattr(meta, "dtype") and meta.dtype != torch.float32:
-                problems.append(f"{node_label(node, modules)}: input dtype {meta.dtype} (only float32 inputs)")
-            continue
-        if node.op == "get_attr":
-            continue
-        if node.op == "output":
-            values, _ = _output_nodes(node)
-            if not all(isinstance(v, fx.Node) for v in values):
-                problems.append(f"{node_label(node, modules)}: outputs must be a tensor or a flat tuple of tensors")
-            continue
-        converter = converter_for(node, modules)
-        if converter is None:
-            problems.append(f"{node_label(node, modules)}: no converter")
-            continue
-        reason = converter.unsupported_reason(node, modules.get(str(node.target)) if node.op == "call_module" else None)
-        if reason is not None:
-            problems.append(f"{node_label(node, modules)}: {reason}")
-    return problems
+    """Every node the TVM backends cannot lower, each with the reason (their :data:`CAPABILITIES` checked)."""
+    return registry_unsupported_nodes(CAPABILITIES, gm)
 
 
 def input_specs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | None) -> list[TensorSpec]:

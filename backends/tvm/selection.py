@@ -20,7 +20,7 @@ from types import ModuleType
 
 from fxquant.backends.tvm.cost import KernelMismatch, KernelPlan
 from fxquant.errors import BackendError
-from fxquant.integer import IntegerConv2d, IntegerLayer
+from fxquant.integer import FrozenConv2d, FrozenLayer
 
 __all__ = [
     "KernelChoice",
@@ -63,15 +63,15 @@ def bitserial_module() -> ModuleType | None:
     return module
 
 
-def weight_storage_dtype(layer: IntegerLayer) -> str:
+def weight_storage_dtype(layer: FrozenLayer) -> str:
     """int8 when every weight integer fits, else int32 (bipolar 8-bit weights reach ±255)."""
     low, high = value_ranges(layer)[1]
     return "int8" if -128 <= low and high <= 127 else "int32"
 
 
-def value_ranges(layer: IntegerLayer) -> tuple[tuple[int, int], tuple[int, int]]:
+def value_ranges(layer: FrozenLayer) -> tuple[tuple[int, int], tuple[int, int]]:
     """(lowest, highest) integer the kernel multiplies on the activation side and on the weight side."""
-    table = getattr(layer, "input_levels_int", None)
+    table = layer.input_levels_int
     if table is None:
         data = (0, 2**layer.act_bits - 1)
     else:
@@ -80,13 +80,13 @@ def value_ranges(layer: IntegerLayer) -> tuple[tuple[int, int], tuple[int, int]]
     return data, (int(weights.min()), int(weights.max()))
 
 
-def bitserial_problem(layer: IntegerLayer, *, enabled: bool, max_bits: int, module: ModuleType | None) -> str | None:
+def bitserial_problem(layer: FrozenLayer, *, enabled: bool, max_bits: int, module: ModuleType | None) -> str | None:
     """Why the bit-serial kernel cannot take ``layer`` (None: it can)."""
     if not enabled:
         return "bit-serial kernel disabled (bitserial=False)"
     if module is None:
         return f"bit-serial kernels not installed ({BITSERIAL_MODULE} missing)"
-    if getattr(layer, "input_levels_int", None) is not None:
+    if layer.input_levels_int is not None:
         return "codebook input levels need a lookup before accumulation, not bit-planes of codes"
     if max(layer.weight_bits, layer.act_bits) > max_bits:
         return f"weight_bits={layer.weight_bits}/act_bits={layer.act_bits} above bitserial_max_bits={max_bits}"
@@ -95,9 +95,9 @@ def bitserial_problem(layer: IntegerLayer, *, enabled: bool, max_bits: int, modu
     return None if ok else f"bit-serial kernel declined: {why}"
 
 
-def dot_problem(layer: IntegerLayer) -> str | None:
+def dot_problem(layer: FrozenLayer) -> str | None:
     """Why the dot-product kernel cannot take ``layer`` (None: it can)."""
-    if isinstance(layer, IntegerConv2d) and layer.groups != 1:
+    if isinstance(layer, FrozenConv2d) and layer.groups != 1:
         return f"groups={layer.groups} (the dot-product kernel takes groups=1)"
     (dlo, dhi), (wlo, whi) = value_ranges(layer)
     if min(dlo, wlo) < -(2**15) or max(dhi, whi) >= 2**15:

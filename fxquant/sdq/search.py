@@ -24,7 +24,7 @@ from fxquant.errors import BudgetError, ConfigError
 from fxquant.layers import QuantLayer, layer_type_name
 from fxquant.passes.analysis.cost_model import LayerCost, layer_costs, plan_cost, with_latency
 from fxquant.passes.analysis.layer_graph import layer_graph, tie_groups
-from fxquant.passes.insert_quant import quant_layer_nodes
+from fxquant.passes.analysis.layer_nodes import quant_layer_nodes
 from fxquant.placement import Placement
 from fxquant.plan import BitwidthPlan, search_report
 from fxquant.quantizers.sdq import StochasticBitwidthQuantizer

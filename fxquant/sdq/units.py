@@ -19,7 +19,7 @@ from torch import fx
 from fxquant.errors import BudgetError, ConfigError
 from fxquant.passes.analysis.cost_model import LayerCost, expected_plan_cost, plan_cost, useful_bits
 from fxquant.passes.analysis.layer_graph import Ties
-from fxquant.passes.insert_quant import quant_layer_nodes
+from fxquant.passes.analysis.layer_nodes import quant_layer_nodes
 from fxquant.quantizers.base import Quantizer
 from fxquant.quantizers.sdq import StochasticBitwidthQuantizer
 from fxquant.sdq.budget import Budget

@@ -1,1 +1,2 @@
-"""Analyses of a prepared graph that passes and the search read: the layer graph and per-layer costs."""
+"""Analyses of a prepared graph that passes and the search read: which nodes are layers, the layer graph,
+per-layer costs."""

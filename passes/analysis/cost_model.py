@@ -35,7 +35,7 @@ from torch import fx, nn
 from fxquant.conv_geometry import macs_per_output, pair
 from fxquant.errors import ConfigError
 from fxquant.layers import FusedBn, QuantLayer
-from fxquant.passes.insert_quant import quant_layer_nodes, quantizable_layers
+from fxquant.passes.analysis.layer_nodes import quant_layer_nodes, quantizable_layers
 
 __all__ = [
     "LayerCost",

@@ -3,8 +3,14 @@
 :func:`layer_graph` builds a ``networkx.DiGraph`` whose nodes are the quantized layers (conv/linear) of a
 prepared graph (or every conv/linear of a traced one) and whose edge ``u → v`` says that ``u``'s output
 reaches ``v``'s input through non-parametric ops only (activations, pooling, reshapes, adds, concats,
-input quantizers). Nodes carry ``type``, ``first`` (fed by a graph input), ``last`` (feeds the output) and,
-when :func:`~fxquant.passes.analysis.cost_model.layer_costs` ran first, ``cost`` (a ``LayerCost``).
+input quantizers). Nodes carry ``type``, ``first``, ``last`` (see :func:`first_last_layers`) and, when
+:func:`~fxquant.passes.analysis.cost_model.layer_costs` ran first, ``cost`` (a ``LayerCost``).
+
+**First and last layers** (the ones ``QuantConfig.first_last_bits`` keeps at 8 bits, and the search fixes):
+a layer is *first* when everything it reads comes from the graph inputs with no conv/linear on the way, and
+*last* when its output reaches the graph output with no conv/linear after it. On a chain this is the first
+and the last layer in graph order; a residual stream does not make a transformer's inner layers first or
+last, and every head of a multi-output model is last.
 
 :func:`tie_groups` finds the layers that must share a bit-width. The rules are ours (the paper does not
 say how it handles them):
@@ -23,7 +29,7 @@ names}``; layers that are tied to nothing form groups of one.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import networkx as nx
@@ -32,10 +38,12 @@ from torch import fx, nn
 
 from fxquant.layers import QUANTIZABLE_TYPES, FusedBn, QuantLayer
 from fxquant.passes.analysis.cost_model import COST_META
-from fxquant.passes.insert_quant import quant_layer_nodes, quantizable_layers
+from fxquant.passes.analysis.layer_nodes import quant_layer_nodes, quantizable_layers
 from fxquant.quantizers.base import Quantizer
 
-__all__ = ["TiePolicy", "Ties", "layer_graph", "tie_groups", "TIES_META", "MERGE_TARGETS"]
+__all__ = [
+    "TiePolicy", "Ties", "layer_graph", "tie_groups", "first_last_layers", "TIES_META", "MERGE_TARGETS",
+]
 
 TIES_META = "fxquant.ties"
 
@@ -123,28 +131,51 @@ def layer_graph(gm: fx.GraphModule) -> nx.DiGraph:
             seen.add(user)
             if user in names:
                 graph.add_edge(names[node], names[user])
-            elif user.op == "output":
-                graph.nodes[names[node]]["last"] = True
-            elif not _is_parametric_layer(user, modules):
+            elif user.op != "output" and not _is_parametric_layer(user, modules):
                 frontier.extend(user.users)
-        if _reaches_placeholder(node, modules):
-            graph.nodes[names[node]]["first"] = True
+        graph.nodes[names[node]]["first"] = _is_first(node, modules)
+        graph.nodes[names[node]]["last"] = _is_last(node, modules)
     return graph
 
 
-def _reaches_placeholder(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def _ends_without_layers(
+    start: list[fx.Node], step: Callable[[fx.Node], list[fx.Node]], end_op: str, modules: dict[str, nn.Module]
+) -> bool:
+    """Whether walking from ``start`` along ``step`` (inputs or users) through non-parametric ops reaches a
+    node of ``end_op`` (placeholder or output) and never a conv/linear."""
     seen: set[fx.Node] = set()
-    frontier = _tensor_inputs(node)
+    frontier, reached = list(start), False
     while frontier:
         n = frontier.pop()
         if n in seen:
             continue
         seen.add(n)
-        if n.op == "placeholder":
-            return True
-        if not _is_parametric_layer(n, modules):
-            frontier.extend(_tensor_inputs(n))
-    return False
+        if n.op == end_op:
+            reached = True
+        elif _is_parametric_layer(n, modules):
+            return False
+        else:
+            frontier.extend(step(n))
+    return reached
+
+
+def _is_first(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return _ends_without_layers(_tensor_inputs(node), _tensor_inputs, "placeholder", modules)
+
+
+def _is_last(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return _ends_without_layers(list(node.users), lambda n: list(n.users), "output", modules)
+
+
+def first_last_layers(gm: fx.GraphModule) -> set[str]:
+    """Names of the first and last layers (see the module docstring) of a traced or prepared graph.
+
+    Example::
+
+        first_last_layers(trace(resnet18()))   # {'conv1', 'fc'}
+    """
+    modules = dict(gm.named_modules())
+    return {str(n.target) for n in _layer_nodes(gm) if _is_first(n, modules) or _is_last(n, modules)}
 
 
 def _producers(start: fx.Node, layer_set: set[fx.Node], modules: dict[str, nn.Module]) -> list[fx.Node]:

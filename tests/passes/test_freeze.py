@@ -1,3 +1,6 @@
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -5,9 +8,19 @@ from torch import nn
 
 import fxquant
 from fxquant import FxQuantError, QuantConfig
-from fxquant.integer import IntegerConv2d, IntegerLayer, IntegerLinear
+from fxquant.integer import (
+    FrozenConv2d,
+    FrozenLinear,
+    IntegerConv2d,
+    IntegerLayer,
+    IntegerLinear,
+    integer_module,
+    integer_output,
+)
 from fxquant.layers import QuantLayer
 from fxquant.passes import freeze
+from fxquant.passes.freeze import frozen_layers
+from fxquant.passes.rewrite import replace_submodule
 from fxquant.quantizers.base import Quantizer
 
 
@@ -140,3 +153,26 @@ def test_wrong_input_to_converted_model(tiny_net):
         ref(x.double())
     with pytest.raises(fxquant.InputError, match=r"expected 3 input channels \(dim 1\), got shape \(4, 5, 12, 12\)"):
         ref(torch.randn(4, 5, 12, 12))
+
+
+def test_freeze_describes_each_layer_as_data_the_modules_are_built_from(tiny_net):
+    q, x = _prepared(tiny_net)
+    frozen = freeze(q)
+    described = frozen_layers(frozen)
+    kinds = {name: type(layer) for name, layer in described.items()}
+    assert kinds == {"conv1": FrozenConv2d, "conv2": FrozenConv2d, "dw": FrozenConv2d, "fc": FrozenLinear}
+    dw = described["dw"]
+    assert (dw.groups, dw.stride, dw.weight_bits, dw.act_bits) == (tiny_net.dw.groups, (1, 1), 3, 3)
+    assert not any(isinstance(getattr(dw, f.name), nn.Module) for f in dataclasses.fields(dw))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        dw.weight_bits = 2
+    # rebuilt from the descriptions alone, the integer graph computes the same numbers bit for bit
+    rebuilt = copy.deepcopy(frozen)
+    for name, layer in described.items():
+        replace_submodule(rebuilt, name, integer_module(layer))
+    torch.testing.assert_close(rebuilt(x), frozen(x), rtol=0, atol=0)
+    # and the QAT layer's eval forward runs the same arithmetic on the same description
+    conv2 = q.get_submodule("conv2")
+    codes = torch.randint(0, 8, (2, 8, 6, 6)).float()
+    torch.testing.assert_close(integer_output(conv2.freeze("conv2"), codes),
+                               frozen.get_submodule("conv2").integer_output(codes), rtol=0, atol=0)

@@ -3,7 +3,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxquant
-from fxquant.passes.analysis.layer_graph import TIES_META, TiePolicy, layer_graph, tie_groups
+from fxquant.passes.analysis.layer_graph import TIES_META, TiePolicy, first_last_layers, layer_graph, tie_groups
 from fxquant.passes.trace import trace
 from tests.conftest import calibrate_bn
 
@@ -101,3 +101,29 @@ def test_identity_shortcut_ties_the_layer_that_produced_the_block_input():
     # add(conv2, relu(stem)) ties conv2 and stem; cat(relu(add), relu(stem)) stops at the add, adding stem only
     assert ties.group_of("weight", "conv2") == ("stem", "conv2")
     assert ties.group_of("weight", "head") == ("head",)
+
+
+class ResidualStreamTwoHeads(nn.Module):
+    """A residual stream fed by the input (as in a transformer) and two output heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.head_a = nn.Linear(8, 2)
+        self.head_b = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = x + self.fc1(x)
+        h = h + F.relu(self.fc2(h))
+        return self.head_a(h), self.head_b(h)
+
+
+def test_first_last_layers_ignore_the_residual_stream_and_keep_every_head():
+    model = ResidualStreamTwoHeads()
+    assert first_last_layers(trace(model)) == {"fc1", "head_a", "head_b"}  # fc2 reads fc1's output: not first
+    q = fxquant.prepare(model, (torch.randn(4, 8),), fxquant.QuantConfig(weight_bits=2, act_bits=2))
+    bits = {n: m.weight_quant.bits for n, m in q.named_modules() if n in {"fc1", "fc2", "head_a", "head_b"}}
+    assert bits == {"fc1": 8, "fc2": 2, "head_a": 8, "head_b": 8}  # first_last_bits=8 on the same definition
+    g = layer_graph(q)
+    assert {n for n in g.nodes if g.nodes[n]["first"] or g.nodes[n]["last"]} == {"fc1", "head_a", "head_b"}

@@ -1,11 +1,12 @@
 """Bit-serial popcount kernels for frozen integer conv/dense layers: the interface the Relax lowering calls.
 
+Every function takes the layer's :class:`~fxquant.integer.FrozenLayer` description (data, not a module).
 ``pack_weights`` packs a layer's weight codes once (layout in :mod:`.layout`); ``conv2d_primfunc`` and
 ``dense_primfunc`` return one scheduled PrimFunc per layer call with parameters
 
     codes          int32, NCHW (conv) or (N, K) (dense), activation codes in [0, 2^act_bits - 1]
     packed_weight  uint64, exactly the array ``pack_weights`` returned
-    out            int32, NCHW (conv) or (N, O) (dense): the exact accumulator ``layer.accumulate(codes)``
+    out            int32, NCHW (conv) or (N, O) (dense): the exact accumulator ``integer.accumulate(layer, codes)``
 
 Activation codes are bit-packed inside the PrimFunc (no extra call). For ``weight_encoding == "bipolar"`` a
 weight code ``c`` means ``2c - (2^wb - 1)``; the kernel counts ``sum a*c`` with unsigned popcounts and returns
@@ -28,7 +29,7 @@ from tvm.target.codegen import llvm_cpu_has_features
 
 from fxquant.conv_geometry import DenseGeometry
 from fxquant.conv_geometry import conv_geometry as resolve_conv
-from fxquant.integer import IntegerConv2d, IntegerLayer, IntegerLinear
+from fxquant.integer import FrozenConv2d, FrozenLayer, FrozenLinear, input_channels
 
 from .geometry import BitserialGeometry
 from .layout import pack_weights_array
@@ -57,18 +58,18 @@ def _weight_values(codes: np.ndarray, bits: int, encoding: str) -> np.ndarray:
     return 2 * codes - ((1 << bits) - 1) if encoding == "bipolar" else codes
 
 
-def bitserial_supported(layer: IntegerLayer, max_bits: int = 4) -> tuple[bool, str]:
+def bitserial_supported(layer: FrozenLayer, max_bits: int = 4) -> tuple[bool, str]:
     """(ok, reason if not): what these kernels can compute exactly for ``layer``."""
-    if not isinstance(layer, IntegerConv2d | IntegerLinear):
-        return False, f"{type(layer).__name__} is neither IntegerConv2d nor IntegerLinear"
-    if isinstance(layer, IntegerConv2d) and layer.groups != 1:
+    if not isinstance(layer, FrozenConv2d | FrozenLinear):
+        return False, f"{type(layer).__name__} is neither FrozenConv2d nor FrozenLinear"
+    if isinstance(layer, FrozenConv2d) and layer.groups != 1:
         return False, f"groups={layer.groups} (only groups=1 is bit-serial)"
     if layer.weight_encoding not in ENCODINGS:
         return False, f"weight_encoding={layer.weight_encoding!r} is not one of {ENCODINGS}"
     for what, bits in (("weight_bits", layer.weight_bits), ("act_bits", layer.act_bits)):
         if not 1 <= bits <= max_bits:
             return False, f"{what}={bits} outside 1..{max_bits}"
-    if getattr(layer, "input_levels_int", None) is not None:
+    if layer.input_levels_int is not None:
         return False, "codebook input levels are not bit-planes of codes"
     codes = layer.weight_codes.cpu().numpy()
     if codes.size and int(codes.max()) >= 1 << layer.weight_bits:
@@ -79,27 +80,27 @@ def bitserial_supported(layer: IntegerLayer, max_bits: int = 4) -> tuple[bool, s
     return True, ""
 
 
-def pack_weights(layer: IntegerLayer) -> np.ndarray:
+def pack_weights(layer: FrozenLayer) -> np.ndarray:
     """The ``packed_weight`` argument: uint64 bit-planes of ``layer.weight_codes`` (see :mod:`.layout`)."""
     return pack_weights_array(layer.weight_codes.cpu().numpy(), layer.weight_bits)
 
 
-def conv_geometry(layer: IntegerConv2d, input_shape: tuple[int, int, int, int]) -> BitserialGeometry:
+def conv_geometry(layer: FrozenConv2d, input_shape: tuple[int, int, int, int]) -> BitserialGeometry:
     """Shapes of one conv call; the input must have the layer's channel count."""
-    if int(input_shape[1]) != layer.input_channels:
+    if int(input_shape[1]) != input_channels(layer):
         raise ValueError(
-            f"input has {int(input_shape[1])} channels, layer {layer.name or 'conv'} expects {layer.input_channels}"
+            f"input has {int(input_shape[1])} channels, layer {layer.name or 'conv'} expects {input_channels(layer)}"
         )
     conv = resolve_conv(tuple(int(d) for d in input_shape), tuple(layer.weight_codes.shape), layer.stride,
                         layer.padding, layer.dilation, layer.groups, layer.name)
     return BitserialGeometry.of(conv, layer.act_bits, layer.weight_bits, layer.weight_encoding == "bipolar")
 
 
-def dense_geometry(layer: IntegerLinear, input_shape: tuple[int, int]) -> BitserialGeometry:
+def dense_geometry(layer: FrozenLinear, input_shape: tuple[int, int]) -> BitserialGeometry:
     """A dense call as a 1x1 convolution of a 1x1 image, features as channels."""
     n, k = (int(d) for d in input_shape)
-    if k != layer.input_channels:
-        raise ValueError(f"input has {k} features, layer {layer.name or 'linear'} expects {layer.input_channels}")
+    if k != input_channels(layer):
+        raise ValueError(f"input has {k} features, layer {layer.name or 'linear'} expects {input_channels(layer)}")
     conv = DenseGeometry(n, k, int(layer.weight_codes.shape[0])).as_conv()
     return BitserialGeometry.of(conv, layer.act_bits, layer.weight_bits, layer.weight_encoding == "bipolar",
                                 dense=True)
@@ -131,20 +132,20 @@ def _tag_isa(func: tirx.PrimFunc, isa: PopcountIsa) -> tirx.PrimFunc:
     return func.with_attr("fxquant.bitserial_isa", isa.name)
 
 
-def _geometry(layer: IntegerLayer, input_shape: tuple[int, ...]) -> BitserialGeometry:
-    if isinstance(layer, IntegerConv2d):
+def _geometry(layer: FrozenLayer, input_shape: tuple[int, ...]) -> BitserialGeometry:
+    if isinstance(layer, FrozenConv2d):
         return conv_geometry(layer, input_shape)  # type: ignore[arg-type]
     return dense_geometry(layer, input_shape)  # type: ignore[arg-type]
 
 
-def layer_tiling(layer: IntegerLayer, input_shape: tuple[int, ...], target: tvm.target.Target) -> Tiling:
+def layer_tiling(layer: FrozenLayer, input_shape: tuple[int, ...], target: tvm.target.Target) -> Tiling:
     """The register tile of ``layer`` on ``input_shape`` for ``target``: the one place a tiling is chosen (each
     ISA's ``tiling`` rule, see ``schedule_*.py``); the builders take it as an argument."""
     return select_isa(target).tiling(_geometry(layer, input_shape))
 
 
 def conv2d_primfunc(
-    layer: IntegerConv2d, input_shape: tuple[int, int, int, int], target: tvm.target.Target,
+    layer: FrozenConv2d, input_shape: tuple[int, int, int, int], target: tvm.target.Target,
     tiling: Tiling | None = None,
 ) -> tirx.PrimFunc:
     """Scheduled PrimFunc ``(codes, packed_weight, out)`` for one conv call on ``input_shape`` (NCHW).
@@ -161,7 +162,7 @@ def conv2d_primfunc(
 
 
 def dense_primfunc(
-    layer: IntegerLinear, input_shape: tuple[int, int], target: tvm.target.Target, tiling: Tiling | None = None
+    layer: FrozenLinear, input_shape: tuple[int, int], target: tvm.target.Target, tiling: Tiling | None = None
 ) -> tirx.PrimFunc:
     """Scheduled PrimFunc ``(codes, packed_weight, out)`` for one dense call on ``(N, K)`` codes.
 

@@ -22,6 +22,7 @@ from fxquant.backends.tvm.emulate import emulation_available, emulation_missing,
 from fxquant.backends.tvm.kernels import conv2d_primfunc, dense_primfunc, pack_weights
 from fxquant.backends.tvm.kernels.geometry import BitserialGeometry
 from fxquant.backends.tvm.options import ARM_CPUS
+from fxquant.integer import accumulate
 from tests.backends.tvm.helpers import ResidualNet, quantized
 from tests.backends.tvm.test_bitserial import _random_codes, make_conv, make_dense
 
@@ -128,13 +129,13 @@ def test_hot_loop_counts_in_registers(libraries, cpu: str) -> None:
 @needs_cross_tools
 @needs_emulation
 def test_exact_under_qemu(libraries, tmp_path: Path) -> None:
-    """Every kernel path, built for an in-order and an out-of-order core, equals ``layer.accumulate``."""
+    """Every kernel path, built for an in-order and an out-of-order core, equals ``fxquant.integer.accumulate``."""
     arrays = {}
     for name, layer, shape in _layer_cases():
         codes = _random_codes(shape, layer.act_bits, seed=len(arrays))
         arrays[f"{name}.codes"] = codes.numpy()
         arrays[f"{name}.w"] = pack_weights(layer)
-        arrays[f"{name}.ref"] = layer.accumulate(codes).numpy().astype(np.int32)
+        arrays[f"{name}.ref"] = accumulate(layer, codes).numpy().astype(np.int32)
     np.savez(tmp_path / "io.npz", **arrays)
     names = [name for name, _, _ in _layer_cases()]
     libs = [str(libraries[cpu][0]) for cpu in ("cortex-a53", "neoverse-n1")]

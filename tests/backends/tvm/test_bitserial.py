@@ -1,7 +1,8 @@
-"""Bit-serial kernels: exact int32 accumulators against ``IntegerLayer.accumulate`` and the intended instructions."""
+"""Bit-serial kernels: exact int32 accumulators against ``fxquant.integer.accumulate`` and the intended instructions."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ from fxquant.backends.tvm.emulate import emulation_available, emulation_missing,
 from fxquant.backends.tvm.kernels import bitserial_supported, conv2d_primfunc, dense_primfunc, pack_weights
 from fxquant.backends.tvm.kernels.bitserial import select_isa
 from fxquant.backends.tvm.kernels.layout import WORD_BITS, padded_words
-from fxquant.integer import IntegerConv2d, IntegerLinear
+from fxquant.integer import FrozenConv2d, FrozenLinear, accumulate, frozen_layer
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": llvm_get_system_cpu()})
 BASELINE = tvm.target.Target({"kind": "llvm"})  # x86-64 without AVX2: the portable kernel
@@ -32,11 +33,12 @@ def _weight_int(codes: torch.Tensor, bits: int, encoding: str) -> torch.Tensor:
 def make_conv(
     out_c: int, in_c: int, k: int, wb: int, ab: int, encoding: str, stride: int = 1, pad: int = 1,
     dilation: int = 1, codes: torch.Tensor | None = None, seed: int = 0,
-) -> IntegerConv2d:
+) -> FrozenConv2d:
     gen = torch.Generator().manual_seed(seed)
     if codes is None:
         codes = torch.randint(0, 1 << wb, (out_c, in_c, k, k), generator=gen)
-    return IntegerConv2d(
+    return frozen_layer(
+        FrozenConv2d,
         weight_int=_weight_int(codes, wb, encoding), weight_codes=codes, weight_scale=torch.ones(out_c), bias=None,
         weight_bits=wb, weight_encoding=encoding, act_bits=ab, input_low=torch.tensor(0.0),
         input_step=torch.tensor(1.0), stride=(stride, stride), padding=(pad, pad), dilation=(dilation, dilation),
@@ -44,9 +46,10 @@ def make_conv(
     )
 
 
-def make_dense(out_f: int, in_f: int, wb: int, ab: int, encoding: str, seed: int = 0) -> IntegerLinear:
+def make_dense(out_f: int, in_f: int, wb: int, ab: int, encoding: str, seed: int = 0) -> FrozenLinear:
     codes = torch.randint(0, 1 << wb, (out_f, in_f), generator=torch.Generator().manual_seed(seed))
-    return IntegerLinear(
+    return frozen_layer(
+        FrozenLinear,
         weight_int=_weight_int(codes, wb, encoding), weight_codes=codes, weight_scale=torch.ones(out_f), bias=None,
         weight_bits=wb, weight_encoding=encoding, act_bits=ab, input_low=torch.tensor(0.0),
         input_step=torch.tensor(1.0),
@@ -67,18 +70,18 @@ def _run(func: tvm.tirx.PrimFunc, target: tvm.target.Target, codes: torch.Tensor
     return out.numpy()
 
 
-def check_conv(layer: IntegerConv2d, shape: tuple[int, int, int, int], target: tvm.target.Target,
+def check_conv(layer: FrozenConv2d, shape: tuple[int, int, int, int], target: tvm.target.Target,
                codes: torch.Tensor | None = None) -> np.ndarray:
     codes = _random_codes(shape, layer.act_bits) if codes is None else codes
-    expected = layer.accumulate(codes).numpy()
+    expected = accumulate(layer, codes).numpy()
     got = _run(conv2d_primfunc(layer, shape, target), target, codes, pack_weights(layer), expected.shape)
     np.testing.assert_array_equal(got.astype(np.int64), expected)
     return expected
 
 
-def check_dense(layer: IntegerLinear, shape: tuple[int, int], target: tvm.target.Target) -> np.ndarray:
+def check_dense(layer: FrozenLinear, shape: tuple[int, int], target: tvm.target.Target) -> np.ndarray:
     codes = _random_codes(shape, layer.act_bits)
-    expected = layer.accumulate(codes).numpy()
+    expected = accumulate(layer, codes).numpy()
     got = _run(dense_primfunc(layer, shape, target), target, codes, pack_weights(layer), expected.shape)
     np.testing.assert_array_equal(got.astype(np.int64), expected)
     return expected
@@ -133,8 +136,7 @@ def test_batch_and_rectangular_image():
 
 
 def test_same_padding_string():
-    layer = make_conv(8, 20, 3, 1, 1, "unsigned", pad=0)
-    layer.padding = "same"
+    layer = dataclasses.replace(make_conv(8, 20, 3, 1, 1, "unsigned", pad=0), padding="same")
     assert check_conv(layer, (1, 20, 6, 7), HOST).shape == (1, 8, 6, 7)
 
 
@@ -178,16 +180,14 @@ def test_primfunc_signature_matches_the_interface():
 
 def test_supported_reasons():
     assert bitserial_supported(make_conv(8, 8, 3, 2, 2, "bipolar")) == (True, "")
-    grouped = make_conv(8, 4, 3, 1, 1, "bipolar")
-    grouped.groups = 2
+    grouped = dataclasses.replace(make_conv(8, 4, 3, 1, 1, "bipolar"), groups=2)
     assert not bitserial_supported(grouped)[0]
     assert "act_bits" in bitserial_supported(make_conv(8, 8, 3, 2, 5, "bipolar"))[1]
     assert bitserial_supported(make_conv(8, 8, 3, 2, 5, "bipolar"), max_bits=8)[0]
-    odd = make_conv(8, 8, 3, 2, 2, "bipolar")
-    odd.weight_encoding = "codebook"
+    odd = dataclasses.replace(make_conv(8, 8, 3, 2, 2, "bipolar"), weight_encoding="codebook")
     assert "weight_encoding" in bitserial_supported(odd)[1]
     skewed = make_conv(8, 8, 3, 2, 2, "bipolar")
-    skewed.weight_int += 1
+    skewed.weight_int.add_(1)
     assert "weight_int" in bitserial_supported(skewed)[1]
     with pytest.raises(ValueError, match="channels"):
         conv2d_primfunc(make_conv(8, 8, 3, 1, 1, "bipolar"), (1, 9, 5, 5), HOST)
@@ -238,7 +238,7 @@ def test_neon_kernel_exact_under_qemu(tmp_path: Path):
     )
     codes = _random_codes(shape, 2)
     np.savez(tmp_path / "io.npz", codes=codes.numpy(), w=pack_weights(layer),
-             ref=layer.accumulate(codes).numpy().astype(np.int32))
+             ref=accumulate(layer, codes).numpy().astype(np.int32))
     runner = tmp_path / "run.py"
     runner.write_text(
         "import numpy as np, tvm\n"

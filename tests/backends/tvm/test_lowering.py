@@ -22,7 +22,7 @@ from fxquant.backends.tvm.selection import (
     dot_problem,
     forced_kernel,
 )
-from fxquant.passes.freeze import integer_layers
+from fxquant.passes.freeze import frozen_layers
 from tests.backends.tvm.helpers import ResidualNet, assert_matches_reference, quantized
 
 
@@ -129,7 +129,7 @@ def _layers(bits: int = 2, groups: int = 1) -> dict:
 
     x = torch.randn(2, 8, 6, 6)
     q = quantized(Net(), x, weight_bits=bits, act_bits=bits, first_last_bits=None)
-    return integer_layers(fxquant.passes.freeze(q))
+    return frozen_layers(fxquant.passes.freeze(q))
 
 
 def test_bitserial_and_dot_reasons() -> None:
