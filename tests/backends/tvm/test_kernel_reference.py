@@ -110,7 +110,7 @@ def test_bitserial_equals_its_reference(target: str, case, wb: int, ab: int, enc
     geom = case if isinstance(case, DenseGeometry) else _geom(case)
     wcodes = _codes(geom.weight_shape if isinstance(geom, ConvGeometry) else (geom.out_features, geom.in_features),
                     wb, seed=5)
-    layer = _layer(geom, wcodes, wb, ab, encoding, case)
+    layer = _layer(geom, wcodes, wb, ab, encoding, case).frozen  # the kernels read the data-only description
     x = _codes(geom.input_shape, ab, seed=6)
     build = dense_primfunc if isinstance(geom, DenseGeometry) else conv2d_primfunc
     got = _run(build(layer, geom.input_shape, tgt), tgt, x, pack_weights(layer), out_shape=geom.output_shape)
