@@ -17,6 +17,7 @@ from fxquant.backends.tvm.kernels.dot import (
     dot_tiling,
     folds_kernel_columns,
     select_dot_isa,
+    tile_width,
 )
 from fxquant.conv_geometry import DenseGeometry, conv_geometry
 
@@ -213,3 +214,12 @@ def test_generated_code_uses_the_instruction(isa: str, target: dict, instruction
     geom = conv_geometry((1, 16, 6, 6), (32, 16, 3, 3), 1, 1, 1, 1)
     asm = _assembly(dot_conv2d(geom, DOT_ISAS[isa]).func, make_target(target, None))
     assert instruction in asm
+
+
+def test_tile_width_leaves_no_partial_tile_where_it_can() -> None:
+    """ResNet's widths take 7-pixel tiles on AVX-512 VNNI (6 left a 1-2 pixel tail tile on every row)."""
+    assert [tile_width(w, 7) for w in (112, 56, 28, 14, 7)] == [7, 7, 7, 7, 7]
+    assert tile_width(30, 7) == 6 and tile_width(5, 7) == 5  # 5 tiles of 6 beat 5 of 7; narrow rows: one tile
+    assert tile_width(14, 4) == 3 and tile_width(56, 4) == 4  # 5 tiles of 3 (15 pixels) beat 4 of 4 (16)
+    geom = conv_geometry((1, 512, 7, 7), (512, 512, 3, 3), 1, 1, 1, 1)
+    assert dot_tiling(geom, DOT_ISAS["avx512-vnni"], (0, 15), (-15, 15)).tile_w == 7
