@@ -161,7 +161,7 @@ class HostTimer:
 #: their issue rates derated to about 60 % (llvm-mca's Ice Lake model), not timings
 _X86_RATES = {
     "bitserial": {"x86-avx512-vpopcntdq": 300.0, "x86-avx2": 96.0, "generic-llvm": 16.0},
-    "dot": {"avx512-vnni": 60.0, "avx2-u8s8": 40.0, "avx2": 26.0, "generic": 8.0},
+    "dot": {"avx512-vnni": 60.0, "avx512-vnni-halved": 45.0, "avx2-u8s8": 40.0, "avx2": 26.0, "generic": 8.0},
     "direct": {"oc-vector": 14.0, "row-vector": 8.0},
 }
 _GHZ_X86 = 2.5

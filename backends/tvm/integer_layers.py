@@ -128,7 +128,8 @@ def _dot_plan(ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | Den
     kernel_w = geom.kernel[1] if isinstance(geom, ConvGeometry) else 1
     channels = geom.in_channels if isinstance(geom, ConvGeometry) else geom.in_features
     ranges = value_ranges(layer)
-    isa = select_dot_isa(ctx.target, *ranges, kernel_w, channels)
+    odd = bool(torch.all(layer.weight_int.remainder(2) == 1))  # bipolar codes: 8-bit weights go in halved
+    isa = select_dot_isa(ctx.target, *ranges, kernel_w, channels, odd_weights=odd)
     tiling = dot_tiling(geom, isa, *ranges)
     key = ("dot", geom, isa.name, tiling)
     build = dot_conv2d if isinstance(geom, ConvGeometry) else dot_dense

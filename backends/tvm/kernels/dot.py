@@ -14,6 +14,7 @@ plain statement of the same sum, unblocked, is :mod:`.reference`). The schedule 
 ISA                       operands       lanes   K    instruction
 ========================  =============  ======  ===  ======================================================
 ``avx512-vnni``           u8 x s8        16      4    ``vpdpbusd`` (TVM's ``dot_16x4_vnni`` intrinsic)
+``avx512-vnni-halved``    u8 x s8        16      4    ``vpdpbusd`` on halved odd weights (:func:`halved_weight`)
 ``avx2``                  s16 x s16      8       2    ``vpmaddwd`` + ``vpaddd`` (exact for every 8-bit code)
 ``neon-sdot``             s8 x s8        4       4    ``sdot`` (TVM's ``dot_4x4_i8i8s32_sdot``), needs +dotprod
 ``neon`` / ``generic``    s16 x s16      8 / 4   1    LLVM's vectorizer (``smlal`` on aarch64)
@@ -45,12 +46,12 @@ from fxquant.conv_geometry import ConvGeometry, DenseGeometry
 
 __all__ = [
     "Chain", "DotIsa", "DotKernel", "DotTiling", "DOT_ISAS", "chain_plan", "dot_tiling", "select_dot_isa",
-    "dot_conv2d", "dot_dense", "folds_kernel_columns",
+    "dot_conv2d", "dot_dense", "folds_kernel_columns", "halved_weight", "tile_width",
     "KERNEL_VERSION",
 ]
 
 #: bumped whenever the generated code changes, so cached timings of older kernels are not reused
-KERNEL_VERSION = "dot-4"
+KERNEL_VERSION = "dot-5"
 
 _RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-(2**15), 2**15 - 1)}
 
@@ -66,11 +67,14 @@ class DotIsa:
     weight_dtype: str
     intrin: str | None  # registered TensorIntrin name, or None: plain vectorized loop
     chain16: bool = False  # partial sums of a chain (see :class:`Chain`) are formed in int16 lanes, then widened
+    halved: bool = False  # odd weights w stored as (w - 1) / 2, see :func:`halved_weight`
 
     def accepts(self, data_range: tuple[int, int], weight_range: tuple[int, int], chain_steps: int = 1) -> bool:
         """Whether every activation value and weight fits the operand types exactly and, for ``chain16``, whether
         ``chain_steps`` steps of two products each stay inside int16 (no lane ever saturates or wraps)."""
         (dlo, dhi), (wlo, whi) = _RANGES[self.data_dtype], _RANGES[self.weight_dtype]
+        if self.halved:
+            wlo, whi = 2 * wlo + 1, 2 * whi + 1
         fits = dlo <= data_range[0] and data_range[1] <= dhi and wlo <= weight_range[0] and weight_range[1] <= whi
         if not (fits and self.chain16):
             return fits
@@ -234,6 +238,7 @@ def _intrinsics() -> dict[str, str]:
 DOT_ISAS: dict[str, DotIsa] = {
     "avx2-u8s8": DotIsa("avx2-u8s8", 8, 4, "uint8", "int8", "avx2-u8s8", chain16=True),
     "avx512-vnni": DotIsa("avx512-vnni", 16, 4, "uint8", "int8", "avx512-vnni"),
+    "avx512-vnni-halved": DotIsa("avx512-vnni-halved", 16, 4, "uint8", "int8", "avx512-vnni", halved=True),
     "avx2": DotIsa("avx2", 8, 2, "int16", "int16", "avx2"),
     "neon-sdot": DotIsa("neon-sdot", 4, 4, "int8", "int8", "neon-sdot"),
     "neon": DotIsa("neon", 4, 1, "int16", "int16", None),
@@ -243,7 +248,8 @@ DOT_ISAS: dict[str, DotIsa] = {
 #: widest register tile per instruction choice, (output pixels, accumulator vectors): what the register file
 #: holds (16 ymm on x86 AVX2, 32 zmm with AVX-512, 32 q on aarch64)
 _REGISTER_TILES: dict[str, tuple[int, int]] = {
-    "avx2-u8s8": (4, 2), "avx512-vnni": (7, 2), "avx2": (4, 2), "neon-sdot": (4, 4), "neon": (4, 4), "generic": (4, 1),
+    "avx2-u8s8": (4, 2), "avx512-vnni": (7, 2), "avx512-vnni-halved": (7, 2), "avx2": (4, 2), "neon-sdot": (4, 4),
+    "neon": (4, 4), "generic": (4, 1),
 }
 
 
@@ -253,14 +259,16 @@ def select_dot_isa(
     weight_range: tuple[int, int],
     kernel_w: int = 1,
     in_channels: int = 16,
+    odd_weights: bool = False,
 ) -> DotIsa:
     """The fastest instruction choice of ``target`` that holds these value ranges exactly (for ``avx2-u8s8``,
-    over a chain of one kernel row: ``kernel_w`` x the channel block)."""
+    over a chain of one kernel row: ``kernel_w`` x the channel block). ``odd_weights`` (every weight odd, as
+    the bipolar encoding makes them) admits ``avx512-vnni-halved`` for 8-bit bipolar weights (up to +-255)."""
     triple = str(target.attrs.get("mtriple", "") or "")
     if triple.startswith(("aarch64", "arm64")):
         order = ["neon-sdot", "neon"] if has_feature(target, "dotprod") else ["neon"]
     elif has_feature(target, "avx512vnni") and has_feature(target, "avx512bw"):
-        order = ["avx512-vnni", "avx2"]
+        order = ["avx512-vnni", *(["avx512-vnni-halved"] if odd_weights else []), "avx2"]
     elif has_feature(target, "avx2"):
         order = ["avx2-u8s8", "avx2"]
     else:
@@ -424,6 +432,16 @@ def _blocking(geom: ConvGeometry, isa: DotIsa, tiling: DotTiling) -> _Blocking:
     return _Blocking(cb, -(-geom.in_channels // cb), tiles, tile_w, ow, padded_h, padded_w)
 
 
+def halved_weight(weight: np.ndarray) -> np.ndarray:
+    """Odd weights ``w`` -> ``(w - 1) / 2``: int8 for every 8-bit bipolar weight (-255..255). ``vpdpbusd`` then
+    accumulates ``h = sum a (w - 1) / 2`` (u8 x s8, no saturation) and ``sum a w = 2 h + sum a``, where the window
+    sum ``sum a`` is one small pass over the input shared by every output channel."""
+    w = np.asarray(weight, dtype=np.int64)
+    if not np.all(w % 2 == 1):
+        raise ValueError("the halved dot-product kernel takes odd weights only (bipolar codes)")
+    return (w - 1) // 2
+
+
 def _pack_weight(weight: np.ndarray, geom: ConvGeometry, isa: DotIsa, blk: _Blocking) -> np.ndarray:
     """OIHW integers -> (oc_tiles, channel_blocks, kh, kw, cb/k, lanes, k), zero padded."""
     o, c, kh, kw = weight.shape
@@ -431,6 +449,27 @@ def _pack_weight(weight: np.ndarray, geom: ConvGeometry, isa: DotIsa, blk: _Bloc
     full[:o, :c] = weight
     tiled = full.reshape(blk.oc_tiles, isa.lanes, blk.channel_blocks, blk.channel_block // isa.k, isa.k, kh, kw)
     return np.ascontiguousarray(tiled.transpose(0, 2, 5, 6, 3, 1, 4)).astype(isa.weight_dtype)
+
+
+def _window_sum(geom: ConvGeometry, load: Callable) -> te.Tensor:
+    """``s[n, y, x]``: the sum of every input value output pixel (y, x) reads (all channels, the kernel window,
+    zero padding), as a channel sum per padded pixel and then a window sum of those."""
+    n_, c_, h_, w_ = geom.input_shape
+    (kh, kw), (sh, sw), (dh, dw) = geom.kernel, geom.stride, geom.dilation
+    top, left, bottom, right = geom.padding
+    rc = te.reduce_axis((0, c_), "wc")
+
+    def pixel(n, y, x):
+        inside = tirx.all(y >= top, y < h_ + top, x >= left, x < w_ + left)
+        return te.sum(tirx.if_then_else(inside, load(n, rc, y - top, x - left), 0), axis=rc)
+
+    column = te.compute((n_, h_ + top + bottom, w_ + left + right), pixel, name="channel_sum")
+    ry, rx = te.reduce_axis((0, kh), "wy"), te.reduce_axis((0, kw), "wx")
+    return te.compute(
+        (n_, geom.out_height, geom.out_width),
+        lambda n, y, x: te.sum(column[n, y * sh + ry * dh, x * sw + rx * dw], axis=[ry, rx]),
+        name="window_sum",
+    )
 
 
 def _conv_compute(geom: ConvGeometry, work: ConvGeometry, isa: DotIsa, blk: _Blocking, dense: bool,
@@ -515,12 +554,19 @@ def _conv_compute(geom: ConvGeometry, work: ConvGeometry, isa: DotIsa, blk: _Blo
             return te.sum(a * weight[t, rb, ry, rx, rc, lane, rk].astype("int32"), axis=[rb, ry, rx, rc, rk])
 
         acc = te.compute(acc_shape, acc_value, name="acc")
-    if dense:
-        out = te.compute((n_, geom.out_channels), lambda n, o: acc[n, o // lanes, 0, 0, o % lanes], name="out")
+    if isa.halved:  # sum a w = 2 sum a (w - 1) / 2 + the window sum of the input
+        window = _window_sum(geom, load)
+
+        def value(n, o, y, x):
+            return acc[n, o // lanes, y, x, o % lanes] * 2 + window[n, y, x]
     else:
-        out = te.compute(
-            geom.output_shape, lambda n, o, y, x: acc[n, o // lanes, y, x, o % lanes], name="out"
-        )
+        def value(n, o, y, x):
+            return acc[n, o // lanes, y, x, o % lanes]
+
+    if dense:
+        out = te.compute((n_, geom.out_channels), lambda n, o: value(n, o, 0, 0), name="out")
+    else:
+        out = te.compute(geom.output_shape, value, name="out")
     return [data, weight, out]
 
 
@@ -580,13 +626,24 @@ def _schedule(func: tirx.PrimFunc, isa: DotIsa, blk: _Blocking, oc_vectors: int,
         return _schedule_chained(func, blk, oc_vectors, kernel_w, chain)
     sch = s_tir.Schedule(func)
     acc_b, out_b, pack_b = sch.get_sblock("acc"), sch.get_sblock("out"), sch.get_sblock("pack")
+    # halved: the output adds the input's window sums, computed in passes of their own before the tiles (a
+    # block computed inside a tile must have all its producers there too), so the register tile is written
+    # back to a whole accumulator and one more pass forms the output
+    copy_b = sch.cache_write(acc_b, 0, "local") if isa.halved else None
     n, t, y, x, lane, rb, ry, rx, rc, rk = sch.get_loops(acc_b)
     to, ti = sch.split(t, [None, oc_vectors])
     xo, xi = sch.split(x, [None, blk.tile_w])
     sch.reorder(n, to, y, xo, rb, ry, rx, rc, ti, xi, lane, rk)
     sch.parallel(sch.fuse(n, to, y))
-    sch.reverse_compute_at(out_b, xo)
-    sch.set_scope(acc_b, 0, "local")
+    if copy_b is None:
+        sch.reverse_compute_at(out_b, xo)
+        sch.set_scope(acc_b, 0, "local")
+    else:
+        sch.reverse_compute_at(copy_b, xo)
+        sch.vectorize(sch.get_loops(copy_b)[-1])
+        for block in (sch.get_sblock("channel_sum"), sch.get_sblock("window_sum"), out_b):
+            loops = sch.get_loops(block)
+            sch.parallel(sch.fuse(*loops[:2]) if len(loops) > 2 else loops[0])
     if isa.intrin is None:  # k == 1: a vector of lanes times one broadcast value, LLVM picks the multiply-add
         sch.reorder(rk, lane)
         sch.vectorize(lane)
@@ -612,6 +669,7 @@ def _build(geom: ConvGeometry, isa: DotIsa, dense: bool, tiling: DotTiling | Non
 
     def pack(weight: np.ndarray) -> np.ndarray:
         w = weight.reshape(weight.shape[0], weight.shape[1], 1, 1) if dense else weight
+        w = halved_weight(w) if isa.halved else w
         return _pack_weight(_folded_weight(w) if folded else w, work, isa, blk)
 
     return DotKernel(scheduled, pack, isa)

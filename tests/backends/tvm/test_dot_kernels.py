@@ -16,6 +16,7 @@ from fxquant.backends.tvm.kernels.dot import (
     dot_dense,
     dot_tiling,
     folds_kernel_columns,
+    halved_weight,
     select_dot_isa,
     tile_width,
 )
@@ -24,8 +25,10 @@ from fxquant.conv_geometry import DenseGeometry, conv_geometry
 HOST = make_target(host_target_dict(), None)
 AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})  # AVX2 without AVX-512 VNNI
 HOST_HAS_AVX2 = select_dot_isa(HOST, (0, 255), (-128, 127)).name in ("avx2", "avx512-vnni")
-RUNNABLE = ["generic"] + (["avx2"] if HOST_HAS_AVX2 else [])
+HOST_HAS_VNNI = select_dot_isa(HOST, (0, 255), (-128, 127)).name == "avx512-vnni"
+RUNNABLE = ["generic"] + (["avx2"] if HOST_HAS_AVX2 else []) + (["avx512-vnni"] if HOST_HAS_VNNI else [])
 needs_avx2 = pytest.mark.skipif(not HOST_HAS_AVX2, reason="this host has no AVX2")
+needs_vnni = pytest.mark.skipif(not HOST_HAS_VNNI, reason="this host has no AVX-512 VNNI")
 
 # (input NCHW, weight OIHW, stride, padding, dilation): odd channels, stride 2, padding, 1x1, 7x7 stems, tails
 SHAPES = [
@@ -75,10 +78,12 @@ def test_extreme_codes_do_not_saturate(isa: str) -> None:
     assert int(got.max()) == 255 * 127 * 16 * 9
 
 
-@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("isa", [name for name in RUNNABLE if DOT_ISAS[name].weight_dtype == "int16"])
 def test_bipolar_eight_bit_weights_need_int16(isa: str) -> None:
-    """Bipolar 8-bit weights reach ±255: only the 16-bit instruction choices hold them."""
+    """Bipolar 8-bit weights reach ±255: only the 16-bit instruction choices hold them as they are (the halved
+    VNNI kernel holds their halves, see test_halved_vnni_conv_equals_reference)."""
     assert not DOT_ISAS["avx512-vnni"].accepts((0, 255), (-255, 255))
+    assert DOT_ISAS["avx512-vnni-halved"].accepts((0, 255), (-255, 255))
     assert not DOT_ISAS["neon-sdot"].accepts((0, 127), (-255, 255))
     geom = conv_geometry((1, 6, 4, 4), (5, 6, 3, 3), 1, 1, 1, 1)
     rng = np.random.default_rng(2)
@@ -187,6 +192,9 @@ def test_isa_choice_follows_target_and_ranges() -> None:
     a72 = make_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, None)
     assert select_dot_isa(zen4, (0, 255), (-128, 127)).name == "avx512-vnni"
     assert select_dot_isa(zen4, (0, 255), (-255, 255)).name == "avx2"  # int8 weights cannot hold ±255
+    assert select_dot_isa(zen4, (0, 255), (-255, 255), odd_weights=True).name == "avx512-vnni-halved"
+    assert select_dot_isa(zen4, (0, 255), (-256, 255), odd_weights=True).name == "avx2"  # halves beyond int8
+    assert select_dot_isa(zen3, (0, 255), (-255, 255), odd_weights=True).name == "avx2"
     assert select_dot_isa(zen3, (0, 255), (-128, 127)).name == "avx2"  # 255 x 127 pairs overflow int16
     assert select_dot_isa(zen3, (0, 15), (-15, 15), 3, 64).name == "avx2-u8s8"
     assert select_dot_isa(a76, (0, 127), (-128, 127)).name == "neon-sdot"
@@ -203,6 +211,7 @@ def _assembly(func, target) -> str:
     "isa,target,instruction",
     [
         ("avx512-vnni", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"}, "vpdpbusd"),
+        ("avx512-vnni-halved", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"}, "vpdpbusd"),
         ("avx2", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3"}, "vpmaddwd"),
         ("avx2-u8s8", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3"}, "vpmaddubsw"),
         ("neon-sdot", {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}, "sdot"),
@@ -223,3 +232,51 @@ def test_tile_width_leaves_no_partial_tile_where_it_can() -> None:
     assert tile_width(14, 4) == 3 and tile_width(56, 4) == 4  # 5 tiles of 3 (15 pixels) beat 4 of 4 (16)
     geom = conv_geometry((1, 512, 7, 7), (512, 512, 3, 3), 1, 1, 1, 1)
     assert dot_tiling(geom, DOT_ISAS["avx512-vnni"], (0, 15), (-15, 15)).tile_w == 7
+
+
+def _odd_weights(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """8-bit bipolar weights: every odd integer from -255 to 255, both extremes present."""
+    w = 2 * rng.integers(0, 256, shape) - 255
+    w.flat[0], w.flat[-1] = 255, -255
+    return w.astype(np.int64)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[0] + s[1][:1])))
+def test_halved_weights_and_window_sums_give_the_sum(shape) -> None:
+    """The identity the halved kernel relies on, for every geometry: sum a w = 2 sum a (w - 1) / 2 + sum a."""
+    in_shape, w_shape, stride, padding, dilation = shape
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, in_shape).astype(np.int32)
+    w = _odd_weights(rng, w_shape)
+    window = _conv_reference(x, np.ones((1, *w_shape[1:]), np.int64), stride, padding, dilation)
+    halved = _conv_reference(x, halved_weight(w), stride, padding, dilation)
+    np.testing.assert_array_equal(2 * halved + window, _conv_reference(x, w, stride, padding, dilation))
+    assert halved_weight(w).min() >= -128 and halved_weight(w).max() <= 127
+    with pytest.raises(ValueError, match="odd weights"):
+        halved_weight(w + 1)
+
+
+@needs_vnni
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[0] + s[1][:1])))
+def test_halved_vnni_conv_equals_reference(shape) -> None:
+    """8-bit bipolar weights (+-255) on vpdpbusd: random codes, then 255 against +-255 everywhere."""
+    in_shape, w_shape, stride, padding, dilation = shape
+    geom = conv_geometry(in_shape, w_shape, stride, padding, dilation, 1)
+    isa = DOT_ISAS["avx512-vnni-halved"]
+    rng = np.random.default_rng(5)
+    cases = [(rng.integers(0, 256, in_shape).astype(np.int32), _odd_weights(rng, w_shape))]
+    cases += [(np.full(in_shape, 255, np.int32), np.full(w_shape, value, np.int64)) for value in (-255, 255)]
+    for x, w in cases:
+        kernel = dot_conv2d(geom, isa, dot_tiling(geom, isa, (0, 255), (-255, 255)))
+        got = _run(kernel, x, w, geom.output_shape)
+        np.testing.assert_array_equal(got, _conv_reference(x, w, stride, padding, dilation))
+
+
+@needs_vnni
+def test_halved_vnni_dense_equals_reference() -> None:
+    geom = DenseGeometry(3, 70, 19)
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 256, geom.input_shape).astype(np.int32)
+    w = _odd_weights(rng, (19, 70))
+    got = _run(dot_dense(geom, DOT_ISAS["avx512-vnni-halved"]), x, w, geom.output_shape)
+    np.testing.assert_array_equal(got, x.astype(np.int64) @ w.T)
