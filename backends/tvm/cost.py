@@ -85,7 +85,9 @@ def _geometry_key(geom: ConvGeometry | DenseGeometry) -> str:
 def _random_input(layer: FrozenLayer, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     """Codes in the layer's range (the values the kernel multiplies, looked up for codebook inputs)."""
     generator = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 2**layer.act_bits, shape, generator=generator, dtype=torch.int32)
+    table = layer.input_levels_int  # a codebook may hold fewer levels than its bits allow (LCQ: 2^B - 1)
+    levels = 2**layer.act_bits if table is None else int(table.numel())
+    codes = torch.randint(0, levels, shape, generator=generator, dtype=torch.int32)
     return input_values(layer, codes).to(torch.int32)
 
 

@@ -621,7 +621,7 @@ def _schedule_pack(sch: s_tir.Schedule, pack_b: Any) -> None:
 
 
 def _schedule(func: tirx.PrimFunc, isa: DotIsa, blk: _Blocking, oc_vectors: int, kernel_w: int,
-              chain: Chain) -> tirx.PrimFunc:
+              chain: Chain, disjoint_windows: bool = False) -> tirx.PrimFunc:
     if isa.chain16:
         return _schedule_chained(func, blk, oc_vectors, kernel_w, chain)
     sch = s_tir.Schedule(func)
@@ -641,7 +641,12 @@ def _schedule(func: tirx.PrimFunc, isa: DotIsa, blk: _Blocking, oc_vectors: int,
     else:
         sch.reverse_compute_at(copy_b, xo)
         sch.vectorize(sch.get_loops(copy_b)[-1])
-        for block in (sch.get_sblock("channel_sum"), sch.get_sblock("window_sum"), out_b):
+        channel_sum, window_sum = sch.get_sblock("channel_sum"), sch.get_sblock("window_sum")
+        if disjoint_windows:  # each input pixel is read by one window at most: sum only the pixels read
+            sch.compute_at(channel_sum, sch.get_loops(window_sum)[2])
+        blocks = (out_b,) if disjoint_windows else (channel_sum, window_sum, out_b)  # (a strided window pass
+        # over its own channel sums is not a region TVM can split between threads; it is a small pass)
+        for block in blocks:
             loops = sch.get_loops(block)
             sch.parallel(sch.fuse(*loops[:2]) if len(loops) > 2 else loops[0])
     if isa.intrin is None:  # k == 1: a vector of lanes times one broadcast value, LLVM picks the multiply-add
@@ -665,7 +670,9 @@ def _build(geom: ConvGeometry, isa: DotIsa, dense: bool, tiling: DotTiling | Non
     chain = tiling.chain
     func = te.create_prim_func(_conv_compute(geom, work, isa, blk, dense, chain))
     oc_vectors = min(tiling.oc_vectors, blk.oc_tiles)
-    scheduled = _schedule(func, isa, blk, oc_vectors, work.kernel[1], chain).with_attr("fxquant.dot_isa", isa.name)
+    disjoint = all(k <= st for k, st in zip(geom.kernel, geom.stride, strict=True))  # 1x1, or kernel <= stride
+    scheduled = _schedule(func, isa, blk, oc_vectors, work.kernel[1], chain, disjoint)
+    scheduled = scheduled.with_attr("fxquant.dot_isa", isa.name)
 
     def pack(weight: np.ndarray) -> np.ndarray:
         w = weight.reshape(weight.shape[0], weight.shape[1], 1, 1) if dense else weight
