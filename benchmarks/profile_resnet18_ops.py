@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ def _end_to_end_benchmark() -> Any:
     path = Path(__file__).resolve().parent / "bench_resnet18_e2e.py"
     spec = importlib.util.spec_from_file_location("_fxquant_bench_e2e", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 #: bumped whenever the generated code changes, so cached timings of older kernels are not reused
-KERNEL_VERSION = "dot-5"
+KERNEL_VERSION = "dot-6"
 
 _RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-(2**15), 2**15 - 1)}
 
