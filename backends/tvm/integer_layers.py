@@ -20,11 +20,11 @@ from tvm import relax
 
 from fxquant.backends.tvm import integer_ops
 from fxquant.backends.tvm.context import Converter, LayerRecord, LoweringContext
-from fxquant.backends.tvm.cost import KernelPlan
+from fxquant.backends.tvm.cost import KernelMismatch, KernelPlan
 from fxquant.backends.tvm.direct import DIRECT_VERSION, direct_conv2d, direct_dense, direct_tiling
 from fxquant.backends.tvm.float_layers import rows_of, unrows
 from fxquant.backends.tvm.kernels.dot import KERNEL_VERSION as DOT_VERSION
-from fxquant.backends.tvm.kernels.dot import dot_conv2d, dot_dense, dot_tiling, select_dot_isa
+from fxquant.backends.tvm.kernels.dot import DotIsa, dot_conv2d, dot_dense, dot_isa_choices, dot_tiling
 from fxquant.backends.tvm.selection import (
     KernelChoice,
     bitserial_problem,
@@ -124,12 +124,19 @@ def _direct_plan(ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | 
     return KernelPlan("direct", tiling.layout, DIRECT_VERSION, once, tiling.as_dict())
 
 
-def _dot_plan(ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry) -> KernelPlan:
+def _dot_isas(ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry) -> list[DotIsa]:
+    """The dot instruction choices worth costing: the fastest that holds the layer's values and, where that
+    is the halved VNNI kernel (whose extra passes can outweigh its gain on small layers), the next one."""
     kernel_w = geom.kernel[1] if isinstance(geom, ConvGeometry) else 1
     channels = geom.in_channels if isinstance(geom, ConvGeometry) else geom.in_features
-    ranges = value_ranges(layer)
     odd = bool(torch.all(layer.weight_int.remainder(2) == 1))  # bipolar codes: 8-bit weights go in halved
-    isa = select_dot_isa(ctx.target, *ranges, kernel_w, channels, odd_weights=odd)
+    choices = dot_isa_choices(ctx.target, *value_ranges(layer), kernel_w, channels, odd_weights=odd)
+    return choices[:2] if choices and choices[0].halved else choices[:1]
+
+
+def _dot_plan(ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry,
+              isa: DotIsa) -> KernelPlan:
+    ranges = value_ranges(layer)
     tiling = dot_tiling(geom, isa, *ranges)
     key = ("dot", geom, isa.name, tiling)
     build = dot_conv2d if isinstance(geom, ConvGeometry) else dot_dense
@@ -140,6 +147,22 @@ def _dot_plan(ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | Den
 
     once = ctx.once(("plan",) + key + (layer.name,), plan)
     return KernelPlan("dot", isa.name, DOT_VERSION, once, tiling.as_dict())
+
+
+def _cheapest_dot_plan(ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry) -> KernelPlan:
+    """One dot plan per instruction choice worth costing (:func:`_dot_isas`); the cheapest by the cost model. A
+    choice whose accumulator differs from the reference is left out here; if every one does, the first goes on
+    to :func:`choose_kernel`, which drops the family with its warning."""
+    options = [_dot_plan(ctx, layer, geom, isa) for isa in _dot_isas(ctx, layer, geom)]
+    if len(options) == 1:
+        return options[0]
+    costs = {}
+    for plan in options:
+        try:
+            costs[plan.detail] = ctx.cost.cost_us(plan, layer, geom)
+        except KernelMismatch:
+            continue
+    return min((p for p in options if p.detail in costs), key=lambda p: costs[p.detail], default=options[0])
 
 
 def _bitserial_plan(ctx: LoweringContext, layer: FrozenLayer, shape: tuple[int, ...]) -> KernelPlan:
@@ -174,7 +197,7 @@ def _candidates(
         declined["bitserial"] = why
     why = dot_problem(layer)
     if why is None:
-        plans["dot"] = _dot_plan(ctx, layer, geom)
+        plans["dot"] = _cheapest_dot_plan(ctx, layer, geom)
     else:
         declined["dot"] = why
     plans["direct"] = _direct_plan(ctx, layer, geom)

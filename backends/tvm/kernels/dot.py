@@ -46,7 +46,7 @@ from fxquant.conv_geometry import ConvGeometry, DenseGeometry
 
 __all__ = [
     "Chain", "DotIsa", "DotKernel", "DotTiling", "DOT_ISAS", "chain_plan", "dot_tiling", "select_dot_isa",
-    "dot_conv2d", "dot_dense", "folds_kernel_columns", "halved_weight", "tile_width",
+    "dot_conv2d", "dot_dense", "folds_kernel_columns", "halved_weight", "tile_width", "dot_isa_choices",
     "KERNEL_VERSION",
 ]
 
@@ -253,17 +253,17 @@ _REGISTER_TILES: dict[str, tuple[int, int]] = {
 }
 
 
-def select_dot_isa(
+def dot_isa_choices(
     target: tvm.target.Target,
     data_range: tuple[int, int],
     weight_range: tuple[int, int],
     kernel_w: int = 1,
     in_channels: int = 16,
     odd_weights: bool = False,
-) -> DotIsa:
-    """The fastest instruction choice of ``target`` that holds these value ranges exactly (for ``avx2-u8s8``,
-    over a chain of one kernel row: ``kernel_w`` x the channel block). ``odd_weights`` (every weight odd, as
-    the bipolar encoding makes them) admits ``avx512-vnni-halved`` for 8-bit bipolar weights (up to +-255)."""
+) -> list[DotIsa]:
+    """Every instruction choice of ``target`` that holds these value ranges exactly, fastest first (for
+    ``avx2-u8s8``, over a chain of one kernel row: ``kernel_w`` x the channel block). ``odd_weights`` (every
+    weight odd, as the bipolar encoding makes them) admits ``avx512-vnni-halved`` for 8-bit bipolar weights."""
     triple = str(target.attrs.get("mtriple", "") or "")
     if triple.startswith(("aarch64", "arm64")):
         order = ["neon-sdot", "neon"] if has_feature(target, "dotprod") else ["neon"]
@@ -273,11 +273,23 @@ def select_dot_isa(
         order = ["avx2-u8s8", "avx2"]
     else:
         order = []
-    for name in [*order, "generic"]:
-        isa = DOT_ISAS[name]
-        if isa.accepts(data_range, weight_range, isa.chain_steps(kernel_w, in_channels)):
-            return isa
-    raise ValueError(f"values {data_range} x weights {weight_range} exceed 16-bit operands")
+    isas = [DOT_ISAS[name] for name in [*order, "generic"]]
+    return [isa for isa in isas if isa.accepts(data_range, weight_range, isa.chain_steps(kernel_w, in_channels))]
+
+
+def select_dot_isa(
+    target: tvm.target.Target,
+    data_range: tuple[int, int],
+    weight_range: tuple[int, int],
+    kernel_w: int = 1,
+    in_channels: int = 16,
+    odd_weights: bool = False,
+) -> DotIsa:
+    """The fastest instruction choice of ``target`` for these value ranges (:func:`dot_isa_choices`)."""
+    choices = dot_isa_choices(target, data_range, weight_range, kernel_w, in_channels, odd_weights)
+    if not choices:
+        raise ValueError(f"values {data_range} x weights {weight_range} exceed 16-bit operands")
+    return choices[0]
 
 
 @dataclass(frozen=True)

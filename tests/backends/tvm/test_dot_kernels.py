@@ -14,6 +14,7 @@ from fxquant.backends.tvm.kernels.dot import (
     chain_plan,
     dot_conv2d,
     dot_dense,
+    dot_isa_choices,
     dot_tiling,
     folds_kernel_columns,
     halved_weight,
@@ -196,6 +197,9 @@ def test_isa_choice_follows_target_and_ranges() -> None:
     assert select_dot_isa(zen4, (0, 255), (-255, 255), odd_weights=True).name == "avx512-vnni-halved"
     assert select_dot_isa(zen4, (0, 255), (-256, 255), odd_weights=True).name == "avx2"  # halves beyond int8
     assert select_dot_isa(zen3, (0, 255), (-255, 255), odd_weights=True).name == "avx2"
+    # the lowering costs the halved kernel against the next choice (its extra passes can outweigh it)
+    names = [isa.name for isa in dot_isa_choices(zen4, (0, 255), (-255, 255), 3, 64, odd_weights=True)]
+    assert names == ["avx512-vnni-halved", "avx2", "generic"]
     assert select_dot_isa(zen3, (0, 255), (-128, 127)).name == "avx2"  # 255 x 127 pairs overflow int16
     assert select_dot_isa(zen3, (0, 15), (-15, 15), 3, 64).name == "avx2-u8s8"
     assert select_dot_isa(a76, (0, 127), (-128, 127)).name == "neon-sdot"
