@@ -1,6 +1,7 @@
 """The quantizer family side by side: float, STE, DSQ, LSQ, QN and LCQ at W4A4, W3A3 and W2A2, and torch.ao QAT.
 
-Every method trains ResNet-8 (``fxquant.models.resnet_small``) on Fashion-MNIST with one recipe and seed:
+Every method trains ResNet-8 (``fxquant.models.resnet_small``; ``--model resnet20`` for ResNet-20) on
+Fashion-MNIST with one recipe and seed:
 
 1. a float model is trained once for ``--float-epochs`` (the pretrained start every paper assumes);
 2. each method then trains ``--epochs`` from that model with the same optimizer (SGD, momentum 0.9, Nesterov,
@@ -8,7 +9,8 @@ Every method trains ResNet-8 (``fxquant.models.resnet_small``) on Fashion-MNIST 
    ``--clip`` (Quantization Networks' original recipe clips; every method gets it), and the same batches.
    The "float" row is the float model trained for the same extra epochs.
 
-Quantized layers run at the row's bits; the first conv and the last linear layer stay at 8 bits
+Quantized layers run at the column's weight and activation bits (``--bits 4 2``: W4A4 and W2A2;
+``--configs w1a2 w2a2``: any pair); the first conv and the last linear layer stay at 8 bits
 (``QuantConfig.first_last_bits``), per-channel weights, QAT batch-norm folding. Schedules (QN temperature)
 advance with ``fxquant.update_schedules`` after every step. fxquant accuracy is measured in eval mode, i.e. with
 the integer arithmetic of ``convert(backend="torch")`` (checked equal on one test batch per run), after the
@@ -21,6 +23,7 @@ first/last layers at 8 bits, evaluated as fake-quantized float with observers fr
 
     .venv/bin/python benchmarks/bench_quantizers.py --quick --threads 1     # CPU smoke run on subsets
     .venv/bin/python benchmarks/bench_quantizers.py --epochs 5              # the full comparison
+    .venv/bin/python benchmarks/bench_quantizers.py --configs w1a1 w1a2 w2a2 --schemes dsq lsq --model resnet20
 
 Prints a table and writes ``results.json`` (settings, per-run accuracy, epochs, seconds per epoch and that time
 relative to the float epoch) under ``--out-dir``.
@@ -32,6 +35,7 @@ import argparse
 import copy
 import json
 import math
+import re
 import sys
 import time
 import warnings
@@ -45,7 +49,7 @@ from torch import nn
 
 import fxquant
 from fxquant.data.fashion_mnist import TensorBatches, fashion_mnist_loaders
-from fxquant.models import resnet_small
+from fxquant.models import resnet20, resnet_small
 from fxquant.quantizers.base import Quantizer
 from fxquant.training.agreement import check_agreement, ensure_agreement
 from fxquant.training.loop import evaluate, train_epoch
@@ -58,6 +62,16 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "qn-kmeans": ("qn", {"levels": "kmeans"}), "lcq": ("lcq", {}),
 }
 SCHEMES = tuple(METHODS)
+#: --model name -> builder of a 1-channel, 10-class network
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "resnet8": lambda: resnet_small(num_classes=10, in_channels=1),
+    "resnet20": lambda: resnet20(num_classes=10, in_channels=1),
+}
+
+
+def label(config: tuple[int, int]) -> str:
+    """``(weight_bits, act_bits)`` as a column name: ``W1A2``."""
+    return f"W{config[0]}A{config[1]}"
 
 
 @dataclass(frozen=True)
@@ -71,8 +85,9 @@ class BenchSettings:
     lr: float = 0.01
     weight_decay: float = 5e-4
     clip: float = 5.0
-    bits: tuple[int, ...] = (4, 3, 2)
+    configs: tuple[tuple[int, int], ...] = ((4, 4), (3, 3), (2, 2))  # (weight bits, activation bits)
     schemes: tuple[str, ...] = SCHEMES
+    model: str = "resnet8"
     torch_ao: bool = True
     seed: int = 0
 
@@ -125,7 +140,7 @@ def _train(
     return seconds
 
 
-def _ao_qconfig(bits: int) -> Any:
+def _ao_qconfig(weight_bits: int, act_bits: int) -> Any:
     from torch.ao.quantization import (
         FakeQuantize,
         MovingAverageMinMaxObserver,
@@ -133,21 +148,22 @@ def _ao_qconfig(bits: int) -> Any:
         QConfig,
     )
 
-    act = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=2**bits - 1,
+    act = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=2**act_bits - 1,
                                  dtype=torch.quint8, qscheme=torch.per_tensor_affine)
-    weight = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, quant_min=-(2 ** (bits - 1)),
-                                    quant_max=2 ** (bits - 1) - 1, dtype=torch.qint8,
+    weight = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver,
+                                    quant_min=-(2 ** (weight_bits - 1)), quant_max=2 ** (weight_bits - 1) - 1,
+                                    dtype=torch.qint8,
                                     qscheme=torch.per_channel_symmetric, ch_axis=0)
     return QConfig(activation=act, weight=weight)
 
 
-def _torch_ao_model(float_model: nn.Module, bits: int, example: torch.Tensor) -> nn.Module:
+def _torch_ao_model(float_model: nn.Module, config: tuple[int, int], example: torch.Tensor) -> nn.Module:
     from torch.ao.quantization import QConfigMapping
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
-    mapping = QConfigMapping().set_global(_ao_qconfig(bits))
+    mapping = QConfigMapping().set_global(_ao_qconfig(*config))
     for edge in ("conv1", "fc"):  # the first conv and the last linear layer, as fxquant's first_last_bits
-        mapping = mapping.set_module_name(edge, _ao_qconfig(8))
+        mapping = mapping.set_module_name(edge, _ao_qconfig(8, 8))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return prepare_qat_fx(copy.deepcopy(float_model).train(), mapping, (example,))
@@ -164,32 +180,33 @@ def run(s: BenchSettings, out_dir: Path, progress: bool) -> dict[str, Any]:
     train, test = fashion_mnist_loaders(s.batch_size, s.train_subset, s.test_subset, s.seed)
     example = next(iter(test))[0]
     torch.manual_seed(s.seed)
-    pretrained = resnet_small(num_classes=10, in_channels=1)
+    pretrained = MODELS[s.model]()
     print(f"float pretraining, {s.float_epochs} epochs", flush=True)
     _train(pretrained, train, s, s.float_epochs, s.float_lr, "pretrain", progress)
     pretrained.eval()
     rows: list[dict[str, Any]] = []
 
-    def record(method: str, bits: int | None, acc: float, seconds: list[float], **extra: Any) -> None:
-        rows.append({"method": method, "bits": bits, "accuracy": acc, "epochs": len(seconds),
+    def record(method: str, config: tuple[int, int] | None, acc: float, seconds: list[float], **extra: Any) -> None:
+        bits = {} if config is None else {"weight_bits": config[0], "act_bits": config[1], "config": label(config)}
+        rows.append({"method": method, **bits, "accuracy": acc, "epochs": len(seconds),
                      "seconds_per_epoch": sum(seconds) / max(len(seconds), 1), **extra})
         detail = "".join(f", {k} {extra[k]}" for k in ("accuracy_before_check", "train_mode_accuracy", "bn_reestimated")
                          if k in extra)
-        print(f"{method} {'' if bits is None else f'W{bits}A{bits}'}: {acc:.2f}%{detail}", flush=True)
+        print(f"{method} {'' if config is None else label(config)}: {acc:.2f}%{detail}", flush=True)
 
     model = copy.deepcopy(pretrained)
     seconds = _train(model, train, s, s.epochs, s.lr, "float", progress)
     record("float", None, evaluate(model, test), seconds)
 
     for scheme in s.schemes:
-        for bits in s.bits:
+        for bits in s.configs:
             torch.manual_seed(s.seed)
             quantizer, options = METHODS[scheme]
-            config = fxquant.QuantConfig(quantizer=quantizer, weight_bits=bits, act_bits=bits,
+            config = fxquant.QuantConfig(quantizer=quantizer, weight_bits=bits[0], act_bits=bits[1],
                                          quantizer_options=options)
             qmodel = fxquant.prepare(pretrained, (example,), config)
             init_acc = evaluate(qmodel, test)
-            seconds = _train(qmodel, train, s, s.epochs, s.lr, f"{scheme} W{bits}A{bits}", progress,
+            seconds = _train(qmodel, train, s, s.epochs, s.lr, f"{scheme} {label(bits)}", progress,
                              on_progress=lambda p, m=qmodel: fxquant.update_schedules(m, p))
             acc_trained = evaluate(qmodel, test)
             # the end-of-training check (batch norm re-estimated on training batches when it fails), then both
@@ -203,10 +220,10 @@ def run(s: BenchSettings, out_dir: Path, progress: bool) -> dict[str, Any]:
                    bn_reestimated=check.reestimated, frozen_matches_prepared=matches)
 
     if s.torch_ao:
-        for bits in s.bits:
+        for bits in s.configs:
             torch.manual_seed(s.seed)
             ao_model = _torch_ao_model(pretrained, bits, example)
-            seconds = _train(ao_model, train, s, s.epochs, s.lr, f"torch.ao W{bits}A{bits}", progress)
+            seconds = _train(ao_model, train, s, s.epochs, s.lr, f"torch.ao {label(bits)}", progress)
             record("torch.ao", bits, _ao_evaluate(ao_model, test), seconds)
 
     float_epoch = rows[0]["seconds_per_epoch"]
@@ -222,18 +239,28 @@ def run(s: BenchSettings, out_dir: Path, progress: bool) -> dict[str, Any]:
 
 
 def _print_table(rows: list[dict[str, Any]], s: BenchSettings) -> None:
-    print(f"\nResNet-8, Fashion-MNIST ({s.train_subset or 60000} train / {s.test_subset or 10000} test images), "
+    name = {"resnet8": "ResNet-8", "resnet20": "ResNet-20"}[s.model]
+    print(f"\n{name}, Fashion-MNIST ({s.train_subset or 60000} train / {s.test_subset or 10000} test images), "
           f"{s.float_epochs} float + {s.epochs} QAT epochs, first/last layers 8-bit")
-    header = f"{'method':<10}" + "".join(f"{f'W{b}A{b}':>10}" for b in s.bits) + f"{'time/epoch vs float':>22}"
+    labels = [label(c) for c in s.configs]
+    header = f"{'method':<10}" + "".join(f"{name:>10}" for name in labels) + f"{'time/epoch vs float':>22}"
     print(header)
     print("-" * len(header))
     float_row = rows[0]
-    print(f"{'float':<10}" + "".join(f"{float_row['accuracy']:>9.2f}%" for _ in s.bits) + f"{1.0:>21.2f}x")
+    print(f"{'float':<10}" + "".join(f"{float_row['accuracy']:>9.2f}%" for _ in labels) + f"{1.0:>21.2f}x")
     for method in [m for m in dict.fromkeys(r["method"] for r in rows) if m != "float"]:
-        by_bits = {r["bits"]: r for r in rows if r["method"] == method}
-        cells = "".join(f"{by_bits[b]['accuracy']:>9.2f}%" if b in by_bits else f"{'-':>10}" for b in s.bits)
-        times = [by_bits[b]["time_vs_float"] for b in s.bits if b in by_bits]
+        by_config = {r["config"]: r for r in rows if r["method"] == method}
+        cells = "".join(f"{by_config[c]['accuracy']:>9.2f}%" if c in by_config else f"{'-':>10}" for c in labels)
+        times = [by_config[c]["time_vs_float"] for c in labels if c in by_config]
         print(f"{method:<10}{cells}{sum(times) / len(times):>21.2f}x")
+
+
+def _config(text: str) -> tuple[int, int]:
+    """``w1a2`` -> (1, 2), for ``--configs``."""
+    match = re.fullmatch(r"[wW](\d)[aA](\d)", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a weight/activation pair like w1a2")
+    return int(match.group(1)), int(match.group(2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,7 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help=f"QAT learning rate ({d.lr})")
-    p.add_argument("--bits", type=int, nargs="+", default=None, help="bit-widths (W=A) to run (4 3 2)")
+    bits = p.add_mutually_exclusive_group()
+    bits.add_argument("--bits", type=int, nargs="+", default=None, help="bit-widths with W=A (4 3 2)")
+    bits.add_argument("--configs", type=_config, nargs="+", default=None, help="weight/activation pairs: w1a2 w2a2")
+    p.add_argument("--model", choices=sorted(MODELS), default=None, help=f"network ({d.model})")
     p.add_argument("--schemes", nargs="+", default=None, choices=SCHEMES)
     p.add_argument("--no-torch-ao", action="store_true", help="skip the torch.ao prepare_qat_fx peer")
     p.add_argument("--seed", type=int, default=None)
@@ -257,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     changes = {k: v for k, v in {
         "epochs": args.epochs, "float_epochs": args.float_epochs, "train_subset": args.train_subset,
         "test_subset": args.test_subset, "lr": args.lr, "seed": args.seed,
-        "bits": tuple(args.bits) if args.bits else None, "schemes": tuple(args.schemes) if args.schemes else None,
+        "configs": tuple((b, b) for b in args.bits) if args.bits else tuple(args.configs) if args.configs else None,
+        "schemes": tuple(args.schemes) if args.schemes else None, "model": args.model,
     }.items() if v is not None}
     s = replace(s, torch_ao=not args.no_torch_ao, **changes)
     if args.threads is not None:
