@@ -124,19 +124,19 @@ def _direct_plan(ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | 
     return KernelPlan("direct", tiling.layout, DIRECT_VERSION, once, tiling.as_dict())
 
 
-def _dot_isas(ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry) -> list[DotIsa]:
+def _dot_isas(ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry,
+              ranges: tuple[tuple[int, int], tuple[int, int]]) -> list[DotIsa]:
     """The dot instruction choices worth costing: the fastest that holds the layer's values and, where that
     is the halved VNNI kernel (whose extra passes can outweigh its gain on small layers), the next one."""
     kernel_w = geom.kernel[1] if isinstance(geom, ConvGeometry) else 1
     channels = geom.in_channels if isinstance(geom, ConvGeometry) else geom.in_features
     odd = bool(torch.all(layer.weight_int.remainder(2) == 1))  # bipolar codes: 8-bit weights go in halved
-    choices = dot_isa_choices(ctx.target, *value_ranges(layer), kernel_w, channels, odd_weights=odd)
+    choices = dot_isa_choices(ctx.target, *ranges, kernel_w, channels, odd_weights=odd)
     return choices[:2] if choices and choices[0].halved else choices[:1]
 
 
-def _dot_plan(ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry,
-              isa: DotIsa) -> KernelPlan:
-    ranges = value_ranges(layer)
+def _dot_plan(ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry, isa: DotIsa,
+              ranges: tuple[tuple[int, int], tuple[int, int]]) -> KernelPlan:
     tiling = dot_tiling(geom, isa, *ranges)
     key = ("dot", geom, isa.name, tiling)
     build = dot_conv2d if isinstance(geom, ConvGeometry) else dot_dense
@@ -149,12 +149,15 @@ def _dot_plan(ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | Den
     return KernelPlan("dot", isa.name, DOT_VERSION, once, tiling.as_dict())
 
 
-def _cheapest_dot_plan(ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry) -> KernelPlan:
-    """One dot plan per instruction choice worth costing (:func:`_dot_isas`); the cheapest by the cost model. A
-    choice whose accumulator differs from the reference is left out here; if every one does, the first goes on
-    to :func:`choose_kernel`, which drops the family with its warning."""
-    options = [_dot_plan(ctx, layer, geom, isa) for isa in _dot_isas(ctx, layer, geom)]
-    if len(options) == 1:
+def _cheapest_dot_plan(ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry,
+                       costed: bool) -> KernelPlan:
+    """One dot plan per instruction choice worth costing (:func:`_dot_isas`); the cheapest by the cost model
+    (the first without ``costed``: another family was forced, nothing is built or timed). A choice whose
+    accumulator differs from the reference is left out here; if every one does, the first goes on to
+    :func:`choose_kernel`, which drops the family with its warning."""
+    ranges = value_ranges(layer)  # a pass over the weights: once per layer
+    options = [_dot_plan(ctx, layer, geom, isa, ranges) for isa in _dot_isas(ctx, layer, geom, ranges)]
+    if len(options) == 1 or not costed:
         return options[0]
     costs = {}
     for plan in options:
@@ -184,9 +187,10 @@ def _bitserial_plan(ctx: LoweringContext, layer: FrozenLayer, shape: tuple[int, 
 
 
 def _candidates(
-    ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry, shape: tuple[int, ...]
+    ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry, shape: tuple[int, ...], forced: str
 ) -> tuple[dict[str, KernelPlan], dict[str, str]]:
-    """Every exact kernel for this layer (cheapest-first order does not matter) and why the others are out."""
+    """Every exact kernel for this layer (cheapest-first order does not matter) and why the others are out;
+    ``forced`` is the family the ``kernel=`` option asks for (``"auto"``: none)."""
     plans: dict[str, KernelPlan] = {}
     declined: dict[str, str] = {}
     why = bitserial_problem(layer, enabled=ctx.options.bitserial, max_bits=ctx.options.bitserial_max_bits,
@@ -197,7 +201,7 @@ def _candidates(
         declined["bitserial"] = why
     why = dot_problem(layer)
     if why is None:
-        plans["dot"] = _cheapest_dot_plan(ctx, layer, geom)
+        plans["dot"] = _cheapest_dot_plan(ctx, layer, geom, costed=forced in ("auto", "dot"))
     else:
         declined["dot"] = why
     plans["direct"] = _direct_plan(ctx, layer, geom)
@@ -223,8 +227,8 @@ def choose_layer_kernel(
 ) -> KernelChoice:
     """The kernel ``convert`` gives this layer under ``ctx``'s options and cost model (also what the latency
     table of a bit-width search prices, so that both agree)."""
-    plans, declined = _candidates(ctx, layer, geom, shape)
     forced = forced_kernel(ctx.options.kernel, name)
+    plans, declined = _candidates(ctx, layer, geom, shape, forced)
     prior = ctx.prior.cost_us if ctx.prior is not None else None
     return choose_kernel(name, plans, declined, forced, lambda plan: ctx.cost.cost_us(plan, layer, geom),
                          ctx.cost.name, None if prior is None else lambda plan: prior(plan, layer, geom))

@@ -654,10 +654,11 @@ def _schedule(func: tirx.PrimFunc, isa: DotIsa, blk: _Blocking, oc_vectors: int,
         sch.reverse_compute_at(copy_b, xo)
         sch.vectorize(sch.get_loops(copy_b)[-1])
         channel_sum, window_sum = sch.get_sblock("channel_sum"), sch.get_sblock("window_sum")
-        if disjoint_windows:  # each input pixel is read by one window at most: sum only the pixels read
+        # disjoint windows (each input pixel read by one window at most): channel sums only where a window reads
+        # them, inside the window pass, which then stays on one thread (TVM cannot split that strided region)
+        if disjoint_windows:
             sch.compute_at(channel_sum, sch.get_loops(window_sum)[2])
-        blocks = (out_b,) if disjoint_windows else (channel_sum, window_sum, out_b)  # (a strided window pass
-        # over its own channel sums is not a region TVM can split between threads; it is a small pass)
+        blocks = (out_b,) if disjoint_windows else (channel_sum, window_sum, out_b)
         for block in blocks:
             loops = sch.get_loops(block)
             sch.parallel(sch.fuse(*loops[:2]) if len(loops) > 2 else loops[0])
