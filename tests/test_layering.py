@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"fxquant": "fxquant", "passes": "fxquant.passes", "backends": "fxquant.backends"}
 #: modules every other module may rely on; they import nothing of fxquant except the errors
 LEAVES = (
-    "fxquant.errors", "fxquant.bits", "fxquant.validate", "fxquant.version", "fxquant.tvm_host", "fxquant.placement",
-    "fxquant.conv_geometry", "fxquant.io.output_files",
+    "fxquant.errors", "fxquant.batching", "fxquant.bits", "fxquant.validate", "fxquant.version", "fxquant.tvm_host",
+    "fxquant.placement", "fxquant.conv_geometry", "fxquant.io.output_files",
 )
 #: (importer prefix, imported prefix): dependencies that would point the wrong way
 FORBIDDEN = [

@@ -43,8 +43,7 @@ def lower_tvm_llvm(frozen: fx.GraphModule, **options: Any) -> TvmModule:
     opts = TvmOptions.parse("tvm-llvm", options)
     lowered, build, manifest = _lower_and_compile("tvm-llvm", frozen, opts, host_target_dict())
     manifest["build_seconds"] = round(build.seconds, 3)
-    return TvmModule(build.executable, manifest, lowered.inputs, lowered.outputs, lowered.output_is_tuple,
-                     lowered.accumulators, opts.num_threads)
+    return TvmModule(build.executable, manifest, lowered.functions, opts.num_threads)
 
 
 @register_backend("tvm-arm", CAPABILITIES)

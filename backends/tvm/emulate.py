@@ -57,15 +57,21 @@ def default_runner() -> str:
     return "python" if runner_missing() else "native"
 
 
-def _check_inputs(name: str, specs: list[dict], inputs: Sequence[np.ndarray]) -> None:
+def _check_inputs(name: str, manifest: dict, inputs: Sequence[np.ndarray]) -> None:
+    """The inputs have the shapes of one compiled function (``main`` or a further batch size's)."""
+    functions = [manifest["inputs"]] + [v["inputs"] for v in manifest.get("batch_variants", [])]
+    specs = functions[0]
     if len(inputs) != len(specs):
         raise InputError(f"artifact {name} takes {len(specs)} input(s), got {len(inputs)}")
-    for spec, array in zip(specs, inputs, strict=True):
-        if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
-            raise InputError(
-                f"input {spec['name']!r}: expected {spec['shape']} {spec['dtype']}, "
-                f"got {list(array.shape)} {array.dtype}"
-            )
+    def fits(spec: dict, array: np.ndarray) -> bool:
+        return list(array.shape) == spec["shape"] and str(array.dtype) == spec["dtype"]
+
+    if any(all(map(fits, function, inputs)) for function in functions):
+        return
+    spec, array = next((s, a) for s, a in zip(specs, inputs, strict=True) if not fits(s, a))
+    sizes = ", ".join(str(f[0]["shape"][0]) for f in functions)
+    raise InputError(f"input {spec['name']!r}: expected {spec['shape']} {spec['dtype']} (compiled batch sizes: "
+                     f"{sizes}), got {list(array.shape)} {array.dtype}")
 
 
 def run_batches_under_qemu(
@@ -91,7 +97,7 @@ def run_batches_under_qemu(
     if not batches:
         return []
     for inputs in batches:
-        _check_inputs(artifact_dir.name, manifest["inputs"], inputs)
+        _check_inputs(artifact_dir.name, manifest, inputs)
     with tempfile.TemporaryDirectory(prefix="fxquant-qemu-") as tmp:
         work = Path(tmp)
         command = [*RUNNERS[runner](artifact_dir), "--artifact", str(artifact_dir), "--output-dir", str(work / "out"),

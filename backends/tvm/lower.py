@@ -37,6 +37,7 @@ __all__ = [
     "NAMED_CONVERTERS",
     "TensorSpec",
     "LoweredGraph",
+    "LoweredFunction",
     "converter_for",
     "register_converter",
     "unsupported_nodes",
@@ -125,15 +126,29 @@ class TensorSpec:
 
 
 @dataclass
-class LoweredGraph:
-    """The Relax module plus what its caller needs to feed it and to read its outputs."""
+class LoweredFunction:
+    """One Relax function of the build (one per compiled batch size) and what its caller needs to feed it
+    and to read its outputs."""
 
-    mod: tvm.IRModule
+    name: str
+    batch: int | None
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     output_is_tuple: bool
     accumulators: list[TensorSpec]
     layers: list[LayerRecord]
+
+
+@dataclass
+class LoweredGraph:
+    """The Relax module and its functions: ``main`` first, then one ``main_b<N>`` per further batch size."""
+
+    mod: tvm.IRModule
+    functions: list[LoweredFunction]
+
+    @property
+    def main(self) -> LoweredFunction:
+        return self.functions[0]
 
 
 def _own_converter(node: fx.Node, module: nn.Module | None) -> Converter | None:
@@ -253,8 +268,44 @@ def _translate(ctx: LoweringContext, gm: fx.GraphModule, node: fx.Node) -> Any:
         raise BackendError(f"{STAGE}: node {node_label(node, ctx.modules)} failed: {exc}") from exc
 
 
+def _with_batch(specs: list[TensorSpec], batch: int) -> list[TensorSpec]:
+    """``specs`` with the leading (batch) dimension set to ``batch``."""
+    scalar = [s.name for s in specs if not s.shape]
+    if scalar:
+        raise ConfigError(f"batch_sizes: input {scalar[0]!r} has no leading batch dimension")
+    return [TensorSpec(s.name, (batch, *s.shape[1:]), s.dtype) for s in specs]
+
+
+def _lower_function(
+    gm: fx.GraphModule, name: str, inputs: list[TensorSpec], ctx: LoweringContext
+) -> LoweredFunction:
+    """The graph as the Relax function ``name`` of ``ctx.bb``, for inputs of exactly these shapes."""
+    bb = ctx.bb
+    params = [relax.Var(s.name, relax.TensorType(s.shape, s.dtype)) for s in inputs]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    ctx.env.update(zip(placeholders, params, strict=True))
+    out_nodes, is_tuple = _output_nodes(next(n for n in gm.graph.nodes if n.op == "output"))
+    with bb.function(name, params):
+        with bb.dataflow():
+            for node in gm.graph.nodes:
+                if node.op not in ("placeholder", "output"):
+                    ctx.env[node] = _translate(ctx, gm, node)
+            values = [ctx.env[n] for n in out_nodes]
+            bad = [n.name for n, v in zip(out_nodes, values, strict=True) if not isinstance(v, relax.Expr)]
+            if bad:
+                raise UnsupportedOpError(STAGE, [f"output {out}: not a tensor" for out in bad])
+            outputs = [_spec(n.name, v) for n, v in zip(out_nodes, values, strict=True)]
+            results = values + [acc for _, acc in ctx.accumulators]
+            result = bb.emit_output(relax.Tuple(results) if len(results) > 1 else results[0])
+        bb.emit_func_output(result)
+    accumulators = [_spec(acc_name, acc) for acc_name, acc in ctx.accumulators]
+    batch = inputs[0].shape[0] if inputs and inputs[0].shape else None
+    return LoweredFunction(name, batch, inputs, outputs, is_tuple, accumulators, ctx.layers)
+
+
 def lower_graph(gm: fx.GraphModule, options: TvmOptions, target: tvm.target.Target) -> LoweredGraph:
-    """The frozen graph as a Relax ``main`` taking the inputs and returning the outputs (then accumulators).
+    """The frozen graph as a Relax ``main`` taking the inputs and returning the outputs (then accumulators),
+    plus a ``main_b<N>`` for every further size in ``options.batch_sizes``.
 
     Example::
 
@@ -276,24 +327,11 @@ def lower_graph(gm: fx.GraphModule, options: TvmOptions, target: tvm.target.Targ
         prior: StaticModel | None = static
     else:
         cost, prior = static, None
-    ctx = LoweringContext(bb, dict(gm.named_modules()), target, options, bitserial_module(), cost, prior)
-    params = [relax.Var(s.name, relax.TensorType(s.shape, s.dtype)) for s in inputs]
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    ctx.env.update(zip(placeholders, params, strict=True))
-    out_nodes, is_tuple = _output_nodes(next(n for n in gm.graph.nodes if n.op == "output"))
-    with bb.function("main", params):
-        with bb.dataflow():
-            for node in gm.graph.nodes:
-                if node.op not in ("placeholder", "output"):
-                    ctx.env[node] = _translate(ctx, gm, node)
-            values = [ctx.env[n] for n in out_nodes]
-            bad = [n.name for n, v in zip(out_nodes, values, strict=True) if not isinstance(v, relax.Expr)]
-            if bad:
-                raise UnsupportedOpError(STAGE, [f"output {name}: not a tensor" for name in bad])
-            outputs = [_spec(n.name, v) for n, v in zip(out_nodes, values, strict=True)]
-            results = values + [acc for _, acc in ctx.accumulators]
-            result = bb.emit_output(relax.Tuple(results) if len(results) > 1 else results[0])
-        bb.emit_func_output(result)
-    accumulators = [_spec(name, acc) for name, acc in ctx.accumulators]
-    return LoweredGraph(bb.get(), inputs, outputs, is_tuple, accumulators, ctx.layers)
-
+    sizes = options.batch_sizes or (None,)
+    functions = []
+    for index, batch in enumerate(sizes):
+        ctx = LoweringContext(bb, dict(gm.named_modules()), target, options, bitserial_module(), cost, prior)
+        name = "main" if index == 0 else f"main_b{batch}"
+        specs = inputs if batch is None else _with_batch(inputs, batch)
+        functions.append(_lower_function(gm, name, specs, ctx))
+    return LoweredGraph(bb.get(), functions)

@@ -15,7 +15,7 @@ from typing import Any
 import tvm
 
 from fxquant.backends.tvm.build import BuildResult
-from fxquant.backends.tvm.lower import LoweredGraph
+from fxquant.backends.tvm.lower import LoweredFunction, LoweredGraph
 from fxquant.backends.tvm.options import TvmOptions
 from fxquant.version import __version__
 
@@ -37,14 +37,28 @@ def _target_json(target: tvm.target.Target) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if k not in ("host",)}
 
 
+def _function_facts(function: LoweredFunction) -> dict[str, Any]:
+    """One compiled function's signature and the kernel each layer got in it (the choice depends on the batch)."""
+    layers = [{**r.facts, "name": r.name, "kind": r.kind, "kernel": r.kernel, "reason": r.reason}
+              for r in function.layers]
+    return {
+        "inputs": [s.to_dict() for s in function.inputs],
+        "outputs": [s.to_dict() for s in function.outputs],
+        "output_is_tuple": function.output_is_tuple,
+        "debug_accumulators": [s.to_dict() for s in function.accumulators],
+        "layers": layers,
+        "kernel_counts": dict(sorted(Counter(r.kernel for r in function.layers).items())),
+    }
+
+
 def build_manifest(
     backend: str, lowered: LoweredGraph, build: BuildResult, target: tvm.target.Target, options: TvmOptions
 ) -> dict[str, Any]:
-    """Everything a deployment or a reviewer needs to know about one compiled model."""
-    layers = []
-    for record in lowered.layers:
-        layers.append({**record.facts, "name": record.name, "kind": record.kind, "kernel": record.kernel,
-                       "reason": record.reason})
+    """Everything a deployment or a reviewer needs to know about one compiled model.
+
+    The top level describes ``main``; ``batch_variants`` describes each further compiled batch size's
+    function the same way, plus its ``batch`` and ``function`` name; ``batch_sizes`` lists them all.
+    """
     return {
         "format": FORMAT,
         "backend": backend,
@@ -52,10 +66,10 @@ def build_manifest(
         "tvm_version": tvm.__version__,
         "target": _target_json(target),
         "target_features": build.features,
-        "inputs": [s.to_dict() for s in lowered.inputs],
-        "outputs": [s.to_dict() for s in lowered.outputs],
-        "output_is_tuple": lowered.output_is_tuple,
-        "debug_accumulators": [s.to_dict() for s in lowered.accumulators],
+        **_function_facts(lowered.main),
+        "batch_sizes": [f.batch for f in lowered.functions],
+        "batch_variants": [{"batch": f.batch, "function": f.name, **_function_facts(f)}
+                           for f in lowered.functions[1:]],
         "options": {
             "bitserial": options.bitserial,
             "bitserial_max_bits": options.bitserial_max_bits,
@@ -63,9 +77,8 @@ def build_manifest(
             "kernel": options.kernel,
             "cost_model": options.cost_model,
             "num_threads": options.num_threads,
+            "batch_sizes": list(options.batch_sizes) if options.batch_sizes else None,
         },
-        "layers": layers,
-        "kernel_counts": dict(sorted(Counter(r.kernel for r in lowered.layers).items())),
         "unscheduled_functions": build.unscheduled,
         "files": {},
     }
@@ -89,6 +102,9 @@ def report(manifest: dict[str, Any]) -> str:
     ]
     for row in rows:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+    for variant in manifest.get("batch_variants", []):
+        counts = ", ".join(f"{k}={v}" for k, v in variant["kernel_counts"].items())
+        lines.append(f"batch {variant['batch']} ({variant['function']}): {counts}")
     if manifest["unscheduled_functions"]:
         lines.append(f"unscheduled (scalar loops): {', '.join(manifest['unscheduled_functions'])}")
     return "\n".join(lines)

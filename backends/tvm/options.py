@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from fxquant.batching import check_batch_sizes
 from fxquant.errors import ConfigError
 from fxquant.validate import reject_unknown_fields
 
@@ -51,7 +52,9 @@ class TvmOptions:
     kernel off; ``debug_accumulators`` adds every integer layer's int32 accumulator as an extra output;
     ``target`` replaces (key by key) the target dict the backend picks. ``kernel`` forces a kernel family
     globally or per layer (``{"layer4.*": "dot"}``); ``cost_model`` says how ``"auto"`` ranks them;
-    ``num_threads`` sets the compiled module's thread pool (default: every core).
+    ``num_threads`` sets the compiled module's thread pool (default: every core). ``batch_sizes=(1, 8)``
+    compiles one function per batch size into the same build (the first is ``main``, the others
+    ``main_b<N>``); a batch of another size runs in pieces of those (:mod:`fxquant.batching`).
     """
 
     example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None
@@ -62,6 +65,7 @@ class TvmOptions:
     kernel: str | Mapping[str, str] = "auto"
     cost_model: str = "measure"
     num_threads: int | None = None
+    batch_sizes: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         bits = self.bitserial_max_bits
@@ -84,6 +88,8 @@ class TvmOptions:
             if not all(isinstance(t, torch.Tensor) for t in items):
                 raise ConfigError("example_inputs must be a tensor or a sequence of tensors")
             object.__setattr__(self, "example_inputs", items)
+        if self.batch_sizes is not None:
+            object.__setattr__(self, "batch_sizes", check_batch_sizes(self.batch_sizes))
 
     @classmethod
     def parse(cls, backend: str, options: Mapping[str, Any]) -> TvmOptions:

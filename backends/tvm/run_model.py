@@ -2,7 +2,8 @@
 
 Copied next to ``model.so`` and ``manifest.json`` by the ``"tvm-arm"`` backend. It needs only the TVM
 runtime and numpy on the device (no PyTorch, no fxquant): it checks model.so against the manifest's
-sha256, checks each input's shape and dtype, runs ``main`` on the CPU and writes ``output_<i>.npy``.
+sha256, checks each input's shape and dtype, runs ``main`` on the CPU and writes ``output_<i>.npy``. An
+artifact built with several batch sizes runs the function compiled for the inputs' batch (``main_b<N>``).
 ``--num-threads N`` sizes TVM's thread pool; ``--runs K`` takes K groups of inputs and writes
 ``run_<j>/output_<i>.npy`` (loading the runtime once). The native runner ``fxquant_run`` takes the same
 options. Exit status 2 means a bad artifact, input or option (unreadable, wrong shape or dtype, NaN or Inf),
@@ -56,7 +57,10 @@ def run(artifact: Path, inputs: list[Path], output_dir: Path, num_threads: int |
     try:
         manifest = json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))
         expected = manifest["files"]["model.so"]["sha256"]
-        specs = [(spec["name"], spec["shape"], spec["dtype"]) for spec in manifest["inputs"]]
+        functions = {"main": [(spec["name"], spec["shape"], spec["dtype"]) for spec in manifest["inputs"]]}
+        for variant in manifest.get("batch_variants", []):
+            functions[variant["function"]] = [(s["name"], s["shape"], s["dtype"]) for s in variant["inputs"]]
+        specs = functions["main"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         _fail(f"{artifact / 'manifest.json'} is missing or malformed: {type(exc).__name__}: {exc}")
     library = artifact / "model.so"
@@ -68,26 +72,31 @@ def run(artifact: Path, inputs: list[Path], output_dir: Path, num_threads: int |
         _fail(f"expected {len(specs) * runs} input file(s) ({len(specs)} per run), got {len(inputs)}")
     groups = []
     for start in range(0, len(inputs), len(specs)):
-        arrays = []
-        for (name, shape, dtype), path in zip(specs, inputs[start:start + len(specs)], strict=True):
+        tensors, candidates = [], set(functions)
+        for index, ((name, _, dtype), path) in enumerate(zip(specs, inputs[start:start + len(specs)], strict=True)):
             try:
                 array = np.load(path, allow_pickle=False)
             except (OSError, ValueError, EOFError) as exc:  # missing, truncated, not .npy, or a pickled object
                 _fail(f"input {name}: cannot read {path} as a .npy array: {' '.join(str(exc).split())}")
             if not isinstance(array, np.ndarray):
                 _fail(f"input {name}: {path} is an .npz archive, expected one .npy array")
-            if list(array.shape) != shape or str(array.dtype) != dtype:
-                _fail(f"input {name}: expected {shape} {dtype}, got {list(array.shape)} {array.dtype}")
+            matching = {f for f, f_specs in functions.items() if list(array.shape) == f_specs[index][1]}
+            if not matching or str(array.dtype) != dtype:
+                wanted = " or ".join(str(f_specs[index][1]) for f_specs in functions.values())
+                _fail(f"input {name}: expected {wanted} {dtype}, got {list(array.shape)} {array.dtype}")
             if array.dtype.kind == "f" and not np.isfinite(array).all():
                 _fail(f"input {name}: {path} holds NaN or Inf values; the model accepts finite inputs only")
-            arrays.append(tvm.runtime.tensor(np.ascontiguousarray(array)))
-        groups.append(arrays)
+            tensors.append(tvm.runtime.tensor(np.ascontiguousarray(array)))
+            candidates &= matching
+        if not candidates:
+            _fail("the inputs' batch sizes match no single compiled function; give every input the same batch")
+        groups.append((next(f for f in functions if f in candidates), tensors))
     if num_threads is not None:
         set_num_threads(num_threads)
     vm = VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
     written = []
-    for index, arrays in enumerate(groups):
-        result = vm["main"](*arrays)
+    for index, (function, tensors) in enumerate(groups):
+        result = vm[function](*tensors)
         values = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
         folder = output_dir / f"run_{index}" if runs > 1 else output_dir
         folder.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ TVM models are compiled for a static batch size (``--batch-size``, default 1).
 from __future__ import annotations
 
 import json
-from argparse import ArgumentParser, Namespace
+from argparse import ArgumentParser, ArgumentTypeError, Namespace
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from torch import fx
 
 from fxquant.api import convert
 from fxquant.backends.registry import available_backends
+from fxquant.batching import check_batch_sizes
 from fxquant.cli.common import (
     Output,
     PipelineCommand,
@@ -51,6 +52,18 @@ def static_example(checkpoint: Checkpoint, batch_size: int) -> tuple[torch.Tenso
     return (torch.zeros(batch_size, *checkpoint.input_shape),)
 
 
+def batch_sizes_arg(text: str) -> tuple[int, ...]:
+    """``--batch-size 8`` (one static size) or ``--batch-size 1,8`` (one compiled function per size)."""
+    try:
+        sizes = tuple(int(item) for item in text.split(","))
+    except ValueError:
+        raise ArgumentTypeError(f"expected a positive integer or a list such as 1,8, got {text!r}") from None
+    try:
+        return check_batch_sizes(sizes, "--batch-size")
+    except ConfigError as exc:
+        raise ArgumentTypeError(str(exc)) from None
+
+
 def _reference(args: Namespace, checkpoint: Checkpoint, model: fx.GraphModule, report: RunReport) -> None:
     frozen = convert(model, backend="torch")
     save_checkpoint(checkpoint.to_reference(frozen), args.output, force=args.force)
@@ -73,10 +86,11 @@ def parse_kernel(text: str) -> str | dict[str, str]:
 
 def tvm_options(args: Namespace) -> dict[str, Any]:
     """The TVM backend options the user gave (validated by the backend itself)."""
-    given = {"kernel": args.kernel, "cost_model": args.cost_model, "num_threads": args.num_threads, "cpu": args.cpu}
+    given = {"kernel": args.kernel, "cost_model": args.cost_model, "num_threads": args.num_threads, "cpu": args.cpu,
+             "batch_sizes": args.batch_size if len(args.batch_size) > 1 else None}
     options = {k: v for k, v in given.items() if v is not None}
     if options and not args.backend.startswith("tvm"):
-        flags = ", ".join("--" + k.replace("_", "-") for k in options)
+        flags = ", ".join("--" + k.replace("_", "-").replace("batch-sizes", "batch-size") for k in options)
         raise ConfigError(f"{flags}: only for the TVM backends, not --backend {args.backend}")
     if "kernel" in options:
         options["kernel"] = parse_kernel(options["kernel"])
@@ -84,7 +98,7 @@ def tvm_options(args: Namespace) -> dict[str, Any]:
 
 
 def _host_manifest(args: Namespace, checkpoint: Checkpoint, model: fx.GraphModule, report: RunReport) -> None:
-    module = convert(model, backend=args.backend, example_inputs=static_example(checkpoint, args.batch_size),
+    module = convert(model, backend=args.backend, example_inputs=static_example(checkpoint, args.batch_size[0]),
                      **tvm_options(args))
     write_text_atomic(args.output, json.dumps(jsonable(module.manifest), indent=2, sort_keys=True) + "\n")
     report.add_output("manifest", args.output)
@@ -93,7 +107,7 @@ def _host_manifest(args: Namespace, checkpoint: Checkpoint, model: fx.GraphModul
 
 def _artifact_folder(args: Namespace, checkpoint: Checkpoint, model: fx.GraphModule, report: RunReport) -> None:
     artifact = convert(model, backend=args.backend, output_dir=args.output, force=args.force,
-                       example_inputs=static_example(checkpoint, args.batch_size), **tvm_options(args))
+                       example_inputs=static_example(checkpoint, args.batch_size[0]), **tvm_options(args))
     report.add_output("artifacts", args.output)
     report.metrics["kernel_counts"] = getattr(artifact, "manifest", {}).get("kernel_counts")
 
@@ -109,7 +123,9 @@ def add_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="prepared checkpoint (from fxquant prepare or fxquant train)")
     parser.add_argument("--backend", default="torch", choices=available_backends(),
                         help="torch: reference checkpoint; tvm-arm: artifact folder; tvm-llvm: build manifest")
-    parser.add_argument("--batch-size", type=positive_int, default=1, help="static batch size of TVM builds")
+    parser.add_argument("--batch-size", type=batch_sizes_arg, default=(1,),
+                        help="TVM: static batch size, or sizes such as 1,8 (one function each; other batches run "
+                             "in pieces of those)")
     parser.add_argument("--kernel", default=None,
                         help="TVM: kernel family for every layer (auto, bitserial, dot, direct) or LAYER=FAMILY,...")
     parser.add_argument("--cost-model", default=None, choices=("measure", "model"),

@@ -31,6 +31,7 @@ from torch import nn
 
 from fxquant.api import convert
 from fxquant.backends.registry import available_backends
+from fxquant.batching import join_batches, run_in_batches, split_batches
 from fxquant.cli.common import (
     PipelineCommand,
     add_data_arguments,
@@ -63,15 +64,6 @@ CHECKPOINT_CANDIDATES: dict[str, Callable[[Checkpoint, ModelTrust], Model]] = {
 }
 
 
-def _chunks(x: torch.Tensor, batch: int) -> list[torch.Tensor]:
-    """``x`` cut into batches of exactly ``batch`` samples, the last one zero-padded."""
-    pieces = list(x.split(batch))
-    short = batch - pieces[-1].shape[0]
-    if short:
-        pieces[-1] = torch.cat([pieces[-1], x.new_zeros((short, *x.shape[1:]))])
-    return pieces
-
-
 class _StaticBatch:
     """Feeds a model compiled for ``batch`` samples with batches of any size (cut, zero-padded, joined)."""
 
@@ -79,21 +71,22 @@ class _StaticBatch:
         self.model, self.batch = model, batch
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.model(c) for c in _chunks(x, self.batch)])[: x.shape[0]]
+        return run_in_batches(lambda chunk: [self.model(chunk[0])], [x], [self.batch])[0]
 
 
 class _Emulated:
-    """An aarch64 artifact run under qemu on every test batch in one emulated process; outputs replay in order."""
+    """An aarch64 artifact run under qemu on every test batch in one emulated process; outputs replay in order.
+    Test batches are cut into the artifact's compiled batch sizes."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], batches: Batches, runner: str):
         from fxquant.backends.tvm.emulate import run_batches_under_qemu
 
-        batch = manifest["inputs"][0]["shape"][0]
-        chunks = [_chunks(x, batch) for x, _ in batches]
-        results = iter(run_batches_under_qemu(path, [[c.numpy()] for cs in chunks for c in cs], runner))
+        sizes = manifest.get("batch_sizes") or [manifest["inputs"][0]["shape"][0]]
+        pieces = [split_batches([x], sizes) for x, _ in batches]
+        results = iter(run_batches_under_qemu(path, [[c[0].numpy()] for ps in pieces for c, _ in ps], runner))
         self._outputs: Iterator[torch.Tensor] = iter([
-            torch.cat([torch.from_numpy(next(results)[0]) for _ in cs])[: x.shape[0]]
-            for (x, _), cs in zip(batches, chunks, strict=True)
+            join_batches([[torch.from_numpy(next(results)[0])] for _ in ps], [real for _, real in ps])[0]
+            for ps in pieces
         ])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -109,7 +109,9 @@ def test_arm_artifact_folder_is_checked_for_integrity(workdir: Path, capsys, mon
 @needs_emulation
 def test_verify_runs_arm_artifacts_under_emulation(workdir: Path, capsys) -> None:
     """A folder from `convert` and a `--backend tvm-arm` build (in a temporary folder) both run under qemu."""
-    assert main(["convert", "q.ckpt", "--backend", "tvm-arm", "--batch-size", "4", "-o", "art"]) == 0
+    assert main(["convert", "q.ckpt", "--backend", "tvm-arm", "--batch-size", "4,2", "-o", "art"]) == 0
+    assert json.loads(Path("art/manifest.json").read_text())["batch_sizes"] == [4, 2]
+    # test batches of 3 run as 2 + 1 padded into 2, on the batch-2 function
     assert main(["verify", "art", "--reference", "q.ckpt", "--data", "imgs", "--batch-size", "3"]) == 0
     assert "running the aarch64 artifact under qemu-aarch64 (native runner) on 3 batch(es)" in capsys.readouterr().out
     metrics = json.loads(Path("art.verify.report.json").read_text())["metrics"]
@@ -143,9 +145,26 @@ def test_convert_passes_kernel_options_to_the_backend(workdir: Path, capsys) -> 
         (["--backend", "tvm-llvm", "--kernel", "conv1=,x"], "--kernel 'conv1=,x': expected FAMILY or LAYER=FAMILY"),
         (["--backend", "tvm-llvm", "--kernel", "fastest"], "kernel='fastest' is invalid"),
         (["--backend", "tvm-arm", "--cpu", "cortex-x9"], "cpu='cortex-x9' is invalid"),
+        (["--backend", "torch", "--batch-size", "1,8"], "--batch-size: only for the TVM backends"),
     ],
 )
 def test_convert_rejects_bad_kernel_options(workdir: Path, capsys, extra: list[str], message: str) -> None:
     assert main(["convert", "q.ckpt", "-o", "out", *extra]) == 1
     assert message in capsys.readouterr().err
     assert not Path("out").exists()
+
+
+@pytest.mark.parametrize("value,message", [("1,1", "a batch size is listed twice"), ("0", "0 is not a positive"),
+                                           ("4,x", "expected a positive integer or a list such as 1,8")])
+def test_convert_rejects_bad_batch_sizes(workdir: Path, capsys, value: str, message: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "q.ckpt", "-o", "out", "--backend", "tvm-llvm", "--batch-size", value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_convert_compiles_several_batch_sizes(workdir: Path) -> None:
+    args = ["convert", "q.ckpt", "--backend", "tvm-llvm", "-o", "host.json", "--batch-size", "1,3",
+            "--cost-model", "model"]
+    assert main(args) == 0
+    manifest = json.loads(Path("host.json").read_text())
+    assert manifest["batch_sizes"] == [1, 3] and manifest["batch_variants"][0]["function"] == "main_b3"

@@ -4,8 +4,10 @@
 //
 // Does what run_model.py does, with only the TVM runtime libraries (libtvm_ffi.so, libtvm_runtime.so):
 // checks model.so against the sha256 in manifest.json, checks every input's shape and dtype against the
-// manifest (.npy, or raw little-endian bytes of exactly the manifest's size), runs the Relax VM's "main" on
-// the CPU and writes output_<i>.npy (run_<j>/output_<i>.npy with --runs K > 1: the inputs are K groups).
+// manifest (.npy, or raw little-endian bytes of exactly the manifest's size) and that float inputs are finite,
+// runs the Relax VM's "main" on the CPU (or, in an artifact built for several batch sizes, the function built
+// for the inputs' batch: "main_b<N>") and writes output_<i>.npy (run_<j>/output_<i>.npy with --runs K > 1:
+// the inputs are K groups).
 // Exit status 2: bad artifact, input or option, with one line on stderr; 1: the model failed to run.
 
 #include <dlpack/dlpack.h>
@@ -25,6 +27,7 @@
 
 #include <array>
 #include <cerrno>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -34,6 +37,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace ffi = tvm::ffi;
@@ -203,6 +207,19 @@ std::string ReadInput(const std::string& path, const TensorSpec& spec) {
   return data;
 }
 
+/*! \brief Refuse NaN and Inf in a float32 input, as every other fxquant entry point does. */
+void CheckFinite(const std::string& data, const TensorSpec& spec, const std::string& path) {
+  if (spec.dtype != "float32") return;
+  for (size_t at = 0; at + sizeof(float) <= data.size(); at += sizeof(float)) {
+    float value;
+    std::memcpy(&value, data.data() + at, sizeof(float));
+    if (!std::isfinite(value)) {
+      throw UsageError("input " + spec.name + ": " + path + " holds NaN or Inf values; the model accepts finite "
+                       "inputs only");
+    }
+  }
+}
+
 std::string NpyBytes(const DLTensor& tensor) {
   std::vector<int64_t> shape(tensor.shape, tensor.shape + tensor.ndim);
   std::string dims;
@@ -240,6 +257,45 @@ std::vector<TensorSpec> Specs(const ffi::json::Object& manifest, const char* key
     specs.push_back(spec);
   }
   return specs;
+}
+
+/*! \brief A compiled function and its inputs: "main", then one per further batch size (``batch_variants``). */
+struct Function {
+  std::string name;
+  std::vector<TensorSpec> inputs;
+};
+
+std::vector<Function> Functions(const ffi::json::Object& manifest) {
+  std::vector<Function> functions{{"main", Specs(manifest, "inputs")}};
+  if (!manifest.count("batch_variants")) return functions;
+  for (const ffi::Any& item : manifest.at("batch_variants").cast<ffi::json::Array>()) {
+    auto entry = item.cast<ffi::json::Object>();
+    functions.push_back({std::string(entry.at("function").cast<ffi::String>()), Specs(entry, "inputs")});
+  }
+  return functions;
+}
+
+/*! \brief One run's inputs read and checked against the first function whose shapes they have. */
+std::pair<size_t, std::vector<std::string>> ReadRun(const std::vector<Function>& functions,
+                                                    const std::vector<std::string>& paths) {
+  std::string first_error;
+  for (size_t f = 0; f < functions.size(); ++f) {
+    try {
+      std::vector<std::string> data;
+      for (size_t i = 0; i < paths.size(); ++i) {
+        data.push_back(ReadInput(paths[i], functions[f].inputs[i]));
+        CheckFinite(data.back(), functions[f].inputs[i], paths[i]);
+      }
+      return {f, data};
+    } catch (const UsageError& err) {
+      if (f == 0) first_error = err.what();
+      if (std::string(err.what()).find("NaN or Inf") != std::string::npos) throw;
+    }
+  }
+  if (functions.size() == 1) throw UsageError(first_error);
+  std::string sizes;
+  for (const Function& fn : functions) sizes += (sizes.empty() ? "" : ", ") + std::to_string(fn.inputs[0].shape[0]);
+  throw UsageError(first_error + " (compiled batch sizes: " + sizes + ")");
 }
 
 struct Options {
@@ -313,15 +369,16 @@ int Run(const Options& opts) {
   if (Sha256().HexDigest(ReadFile(library)) != expected) {
     throw UsageError(library + " does not match the sha256 in manifest.json (truncated or corrupted)");
   }
-  std::vector<TensorSpec> specs = Specs(manifest, "inputs");
-  size_t per_run = specs.size();
+  std::vector<Function> functions = Functions(manifest);
+  size_t per_run = functions[0].inputs.size();
   if (opts.inputs.size() != per_run * opts.runs) {
     throw UsageError("expected " + std::to_string(per_run * opts.runs) + " input file(s) (" +
                      std::to_string(per_run) + " per run), got " + std::to_string(opts.inputs.size()));
   }
-  std::vector<std::vector<std::string>> data(opts.runs);  // every input is checked before anything runs
+  std::vector<std::pair<size_t, std::vector<std::string>>> data;  // every input is checked before anything runs
   for (int run = 0; run < opts.runs; ++run) {
-    for (size_t i = 0; i < per_run; ++i) data[run].push_back(ReadInput(opts.inputs[run * per_run + i], specs[i]));
+    std::vector<std::string> paths(opts.inputs.begin() + run * per_run, opts.inputs.begin() + (run + 1) * per_run);
+    data.push_back(ReadRun(functions, paths));
   }
   if (opts.num_threads > 0) SetNumThreads(opts.num_threads);
   DLDevice cpu{kDLCPU, 0};
@@ -329,19 +386,21 @@ int Run(const Options& opts) {
   ffi::Module vm = executable->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
   constexpr int kPooledAllocator = 2;
   vm->GetFunction("vm_initialization").value()(static_cast<int>(cpu.device_type), cpu.device_id, kPooledAllocator);
-  ffi::Function main_fn = vm->GetFunction("main").value();
   MakeDir(opts.output_dir);
   for (int run = 0; run < opts.runs; ++run) {
+    const auto& [index, bytes] = data[run];
+    const std::vector<TensorSpec>& specs = functions[index].inputs;
+    ffi::Function function = vm->GetFunction(functions[index].name).value();
     std::vector<ffi::AnyView> args;
     std::vector<ffi::Tensor> tensors;
     for (size_t i = 0; i < per_run; ++i) {
       tensors.push_back(ffi::Tensor::FromNDAlloc(CpuAlloc(), ffi::ShapeView(specs[i].shape.data(), specs[i].shape.size()),
                                                  ffi::StringToDLDataType(specs[i].dtype), cpu));
-      std::memcpy(tensors.back().data_ptr(), data[run][i].data(), data[run][i].size());
+      std::memcpy(tensors.back().data_ptr(), bytes[i].data(), bytes[i].size());
     }
     for (const ffi::Tensor& t : tensors) args.emplace_back(t);
     ffi::Any result;
-    main_fn.CallPacked(args.data(), static_cast<int32_t>(args.size()), &result);
+    function.CallPacked(args.data(), static_cast<int32_t>(args.size()), &result);
     std::vector<ffi::Tensor> outputs;
     if (auto single = result.try_cast<ffi::Tensor>()) {
       outputs.push_back(*single);

@@ -67,6 +67,7 @@ def test_refusals_exit_2_with_one_line(setup, tmp_path: Path) -> None:
     x, _, art, runner = setup
     np.save(tmp_path / "x64.npy", x.double().numpy())
     np.save(tmp_path / "x.npy", x.numpy())
+    x.clone().fill_(float("inf")).numpy().tofile(tmp_path / "inf.bin")
     tampered = tmp_path / "tampered"
     shutil.copytree(art.path, tampered)
     (tampered / "model.so").write_bytes((tampered / "model.so").read_bytes()[:4096])
@@ -75,6 +76,7 @@ def test_refusals_exit_2_with_one_line(setup, tmp_path: Path) -> None:
         (["--artifact", art.path, "--input", tmp_path / "x.npy", "--input", tmp_path / "x.npy"],
          "expected 1 input file(s) (1 per run), got 2"),
         (["--artifact", tampered, "--input", tmp_path / "x.npy"], "does not match the sha256 in manifest.json"),
+        (["--artifact", art.path, "--input", tmp_path / "inf.bin"], "holds NaN or Inf values"),
         (["--artifact", art.path, "--num-threads", "0"], "--num-threads: expected a positive integer"),
     ]
     for args, message in cases:
