@@ -32,6 +32,10 @@ class LayerRecord:
 
 
 
+#: expressions that are values of their own (tensor and prim constants, shapes, strings, callees)
+_LEAVES = (tvm.ir.expr.Constant, tvm.ir.expr.StringImm, relax.ShapeExpr, relax.ExternFunc, tvm.ir.GlobalVar, tvm.ir.Op)
+
+
 @dataclass
 class LoweringContext:
     """The BlockBuilder, the fx-node -> value environment and what the manifest will report."""
@@ -48,6 +52,7 @@ class LoweringContext:
     accumulators: list[tuple[str, relax.Expr]] = field(default_factory=list)
     _cache: dict[Any, Any] = field(default_factory=dict)
     _kernels: dict[Any, tvm.ir.GlobalVar] = field(default_factory=dict)
+    _constants: dict[relax.Expr, bool] = field(default_factory=dict)
 
     def value(self, arg: Any) -> Any:
         """An fx argument with every node replaced by its translated value (Relax expr or Python value)."""
@@ -67,6 +72,41 @@ class LoweringContext:
     @staticmethod
     def dtype(expr: relax.Expr) -> str:
         return str(expr.ty.dtype)
+
+    def is_constant(self, expr: relax.Expr) -> bool:
+        """Whether ``expr`` reads no function parameter. TVM's ``FoldConstant`` then evaluates it while
+        building, compiled for a generic ``llvm`` CPU whatever the target (so: no target instructions there)."""
+        memo, stack = self._constants, [expr]
+        while stack:
+            top = stack[-1]
+            if top in memo:
+                stack.pop()
+                continue
+            parts = self._operands(top)
+            if parts is None or any(memo.get(part) is False for part in parts):
+                memo[stack.pop()] = False
+                continue
+            pending = [part for part in parts if part not in memo]
+            if pending:
+                stack.extend(pending)
+                continue
+            memo[stack.pop()] = True
+        return memo[expr]
+
+    def _operands(self, expr: relax.Expr) -> list[relax.Expr] | None:
+        """What ``expr`` is computed from (one level), or None where it may read a parameter."""
+        if isinstance(expr, _LEAVES):
+            return []
+        if isinstance(expr, relax.Var):  # a parameter has no binding in the function being built
+            bound = self.bb.lookup_binding(expr)
+            return None if bound is None else [bound]
+        if isinstance(expr, relax.Call):
+            return list(expr.args)
+        if isinstance(expr, relax.Tuple):
+            return list(expr.fields)
+        if isinstance(expr, relax.TupleGetItem):
+            return [expr.tuple_value]
+        return None
 
     def cached(self, key: Any, build: Callable[[], T]) -> T:
         """Build a kernel once per key (same shapes and dtypes): TE plus scheduling is the slow part."""

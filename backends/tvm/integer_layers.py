@@ -52,7 +52,7 @@ from fxquant.integer import (
 
 __all__ = [
     "MODULE_CONVERTERS", "LAYER_KINDS", "integer_layer_problem", "padded_thresholds", "layer_geometry",
-    "choose_layer_kernel",
+    "choose_layer_kernel", "CONSTANT_INPUT",
 ]
 
 INT32_MAX = 2**31 - 1
@@ -186,20 +186,29 @@ def _bitserial_plan(ctx: LoweringContext, layer: FrozenLayer, shape: tuple[int, 
     return KernelPlan("bitserial", isa, version, once, None if tiling is None else tiling.as_dict())
 
 
+#: why a layer whose input is a build-time constant (Swin v2's position-bias MLP) gets the portable kernel only:
+#: TVM's FoldConstant runs it while building, compiled for a generic ``llvm`` CPU whatever the target, and LLVM
+#: aborts the process on target instructions it cannot select there (vpdpbusd, vpmaddwd, vpshufb, sdot)
+CONSTANT_INPUT = ("input is a build-time constant: TVM's FoldConstant computes the layer while building, for a "
+                  "generic llvm CPU where target instructions abort LLVM (the portable direct kernel is folded)")
+
+
 def _candidates(
-    ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry, shape: tuple[int, ...], forced: str
+    ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry, shape: tuple[int, ...], forced: str,
+    constant_input: bool = False,
 ) -> tuple[dict[str, KernelPlan], dict[str, str]]:
     """Every exact kernel for this layer (cheapest-first order does not matter) and why the others are out;
-    ``forced`` is the family the ``kernel=`` option asks for (``"auto"``: none)."""
+    ``forced`` is the family the ``kernel=`` option asks for (``"auto"``: none); a ``constant_input`` layer
+    takes the portable kernel only (:data:`CONSTANT_INPUT`)."""
     plans: dict[str, KernelPlan] = {}
     declined: dict[str, str] = {}
-    why = bitserial_problem(layer, enabled=ctx.options.bitserial, max_bits=ctx.options.bitserial_max_bits,
-                            module=ctx.bitserial)
+    why = CONSTANT_INPUT if constant_input else bitserial_problem(
+        layer, enabled=ctx.options.bitserial, max_bits=ctx.options.bitserial_max_bits, module=ctx.bitserial)
     if why is None:
         plans["bitserial"] = _bitserial_plan(ctx, layer, shape)
     else:
         declined["bitserial"] = why
-    why = dot_problem(layer)
+    why = CONSTANT_INPUT if constant_input else dot_problem(layer)
     if why is None:
         plans["dot"] = _cheapest_dot_plan(ctx, layer, geom, costed=forced in ("auto", "dot"))
     else:
@@ -223,12 +232,13 @@ def layer_geometry(layer: FrozenLayer, shape: tuple[int, ...]) -> ConvGeometry |
 
 
 def choose_layer_kernel(
-    ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry, shape: tuple[int, ...], name: str
+    ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeometry | DenseGeometry, shape: tuple[int, ...], name: str,
+    constant_input: bool = False,
 ) -> KernelChoice:
     """The kernel ``convert`` gives this layer under ``ctx``'s options and cost model (also what the latency
-    table of a bit-width search prices, so that both agree)."""
+    table of a bit-width search prices, so that both agree); ``constant_input``: see :data:`CONSTANT_INPUT`."""
     forced = forced_kernel(ctx.options.kernel, name)
-    plans, declined = _candidates(ctx, layer, geom, shape, forced)
+    plans, declined = _candidates(ctx, layer, geom, shape, forced, constant_input)
     prior = ctx.prior.cost_us if ctx.prior is not None else None
     return choose_kernel(name, plans, declined, forced, lambda plan: ctx.cost.cost_us(plan, layer, geom),
                          ctx.cost.name, None if prior is None else lambda plan: prior(plan, layer, geom))
@@ -245,7 +255,8 @@ def _emit_integer_layer(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
     geom = layer_geometry(layer, shape)
     values = _quantize(ctx, layer, x)
     name = layer.name or node.name
-    choice = choose_layer_kernel(ctx, layer, geom, shape, name)
+    constant = ctx.is_constant(x)
+    choice = choose_layer_kernel(ctx, layer, geom, shape, name, constant)
     plan = choice.plan
     assert plan is not None
     func, packed = plan.build()
@@ -272,6 +283,8 @@ def _emit_integer_layer(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
         facts["estimate_us"] = choice.costs_us[choice.kind]
     if lead is not None:
         facts["leading_shape"] = list(lead)
+    if constant:
+        facts["constant_input"] = True
     ctx.layers.append(LayerRecord(name, facts["kind"], choice.kind, choice.reason, facts))
     return unrows(ctx, out, lead)
 

@@ -196,13 +196,19 @@ def _flatten_module(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
     return _flatten_between(ctx, ctx.value(node.args[0]), module.start_dim, module.end_dim)
 
 
-def _transpose(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
-    x = ctx.value(node.args[0])
-    rank = len(ctx.shape(x))
-    a, b = _axis(_arg(node, 1, "dim0", 0), rank), _axis(_arg(node, 2, "dim1", 1), rank)
-    axes = list(range(rank))
-    axes[a], axes[b] = axes[b], axes[a]
-    return ctx.bb.emit(relax.op.permute_dims(x, axes))
+def _swap(first: str, second: str) -> Converter:
+    """Two axes exchanged: ``transpose``/``swapdims`` (keywords ``dim0``, ``dim1``) and ``swapaxes`` (``axis0``,
+    ``axis1``: MaxViT's partitions), the two aliases TVM's importer has no entry for."""
+
+    def emit(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
+        x = ctx.value(node.args[0])
+        rank = len(ctx.shape(x))
+        a, b = _axis(_arg(node, 1, first, 0), rank), _axis(_arg(node, 2, second, 1), rank)
+        axes = list(range(rank))
+        axes[a], axes[b] = axes[b], axes[a]
+        return ctx.bb.emit(relax.op.permute_dims(x, axes))
+
+    return Converter(emit)
 
 
 def _permute(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
@@ -327,7 +333,8 @@ def _adaptive_avg_pool(ctx: LoweringContext, node: fx.Node) -> relax.Expr:
 
 _IDENTITY = Converter(_identity)
 _FLATTEN = Converter(_flatten_function)
-_TRANSPOSE = Converter(_transpose)
+_TRANSPOSE = _swap("dim0", "dim1")
+_SWAPAXES = _swap("axis0", "axis1")
 _PERMUTE = Converter(_permute)
 _VIEW = Converter(_view)
 _CHUNK = Converter(_chunk)
@@ -352,6 +359,8 @@ FUNCTION_CONVERTERS: dict[Callable[..., Any], Converter] = {
     torch.flatten: _FLATTEN,
     torch.reshape: _VIEW,
     torch.transpose: _TRANSPOSE,
+    torch.swapdims: _TRANSPOSE,
+    torch.swapaxes: _SWAPAXES,
     torch.permute: _PERMUTE,
     torch.cat: Converter(_cat),
     torch.concat: Converter(_cat),
@@ -377,6 +386,8 @@ METHOD_CONVERTERS: dict[str, Converter] = {
     )),
     "contiguous": _IDENTITY,
     "transpose": _TRANSPOSE,
+    "swapdims": _TRANSPOSE,
+    "swapaxes": _SWAPAXES,
     "permute": _PERMUTE,
     "chunk": _CHUNK,
     "split": _SPLIT,

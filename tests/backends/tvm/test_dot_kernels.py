@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import tvm
+from tvm import relax
 
 from fxquant.backends.tvm.build import host_target_dict, make_target
+from fxquant.backends.tvm.direct import direct_dense
 from fxquant.backends.tvm.kernels.dot import (
     DOT_ISAS,
     Chain,
@@ -285,3 +291,85 @@ def test_halved_vnni_dense_equals_reference() -> None:
     w = _odd_weights(rng, (19, 70))
     got = _run(dot_dense(geom, DOT_ISAS["avx512-vnni-halved"]), x, w, geom.output_shape)
     np.testing.assert_array_equal(got, x.astype(np.int64) @ w.T)
+
+
+#: value ranges each instruction choice is exact for (``avx2-u8s8``: 4-bit codes and odd weights, an int16 chain)
+EXACT_RANGES = {
+    "generic": ((0, 255), (-128, 127)),
+    "avx2": ((0, 255), (-128, 127)),
+    "avx2-u8s8": ((0, 15), (-15, 15)),
+    "avx512-vnni": ((0, 255), (-128, 127)),
+    "avx512-vnni-halved": ((0, 255), (-255, 255)),
+}
+TINY = ["generic"] + (["avx2", "avx2-u8s8"] if HOST_HAS_AVX2 else []) + (
+    ["avx512-vnni", "avx512-vnni-halved"] if HOST_HAS_VNNI else [])
+
+
+@pytest.mark.parametrize("isa", TINY)
+@pytest.mark.parametrize("outputs", [1, 2, 3, 5])
+def test_tiny_dense_equals_reference(isa: str, outputs: int) -> None:
+    """Fewer outputs than one accumulator vector (Swin v2's position-bias MLP ends in one per head): the lanes
+    past ``outputs`` are zero padding and never stored. Both layers of that MLP (2 -> 512 -> heads shaped),
+    built for an AVX2-only CPU where the choice is an AVX2 one, random and extreme codes."""
+    choice = DOT_ISAS[isa]
+    (alo, ahi), (wlo, whi) = EXACT_RANGES[isa]
+    target = AVX2 if isa.startswith("avx2") else HOST
+    rng = np.random.default_rng(outputs)
+    for features in (2, 512):
+        geom = DenseGeometry(49, features, outputs)
+        kernel = dot_dense(geom, choice, dot_tiling(geom, choice, (alo, ahi), (wlo, whi)))
+        assert kernel.func.attrs["fxquant.dot_isa"] == isa
+        lib = tvm.compile(tvm.IRModule({"main": kernel.func.with_attr("global_symbol", "main")}), target=target)
+        odd = choice.halved or choice.chain16
+        weights = rng.integers(wlo // 2, whi // 2 + 1, (outputs, features)) * 2 + 1 if odd else \
+            rng.integers(wlo, whi + 1, (outputs, features))
+        cases = [(rng.integers(alo, ahi + 1, geom.input_shape), weights)]
+        cases += [(np.full(geom.input_shape, ahi), np.full((outputs, features), w)) for w in (wlo, whi)]
+        for x, w in cases:
+            out = tvm.runtime.tensor(np.zeros(geom.output_shape, np.int32))
+            lib(tvm.runtime.tensor(x.astype(np.int32)), tvm.runtime.tensor(kernel.pack(w.astype(np.int64))), out)
+            np.testing.assert_array_equal(out.numpy().astype(np.int64), x.astype(np.int64) @ w.T.astype(np.int64))
+
+
+def fold_dense(kernel, geom: DenseGeometry, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``kernel`` on constant operands through Relax's FoldConstant under the host target, as ``compile_module``
+    runs it: the value it folds to."""
+    bb = relax.BlockBuilder()
+    with bb.function("main", []):
+        with bb.dataflow():
+            gv = bb.add_func(kernel.func, "kernel")
+            args = [relax.const(x.astype(np.int32)), relax.const(kernel.pack(w))]
+            out = bb.emit_output(bb.emit(relax.call_tir(gv, args, relax.TensorType(geom.output_shape, "int32"))))
+        bb.emit_func_output(out)
+    with HOST:
+        folded = relax.transform.FoldConstant()(bb.get())
+    return folded["main"].body.body.value.numpy()
+
+
+_FOLD_DOT = """
+import numpy as np
+from fxquant.backends.tvm.kernels.dot import DOT_ISAS, dot_dense
+from fxquant.conv_geometry import DenseGeometry
+from tests.backends.tvm.test_dot_kernels import fold_dense
+geom = DenseGeometry(4, 8, 3)
+fold_dense(dot_dense(geom, DOT_ISAS[{isa!r}]), geom, np.ones((4, 8)), np.ones((3, 8), np.int64))
+print("folded")
+"""
+
+
+@needs_avx2
+def test_constant_folding_compiles_for_a_generic_cpu() -> None:
+    """Why a layer with a build-time constant input gets the direct kernel only (integer_layers.CONSTANT_INPUT):
+    FoldConstant compiles what it folds for plain ``llvm`` whatever the target, and LLVM aborts the process on
+    the dot instructions there (Swin v2's position-bias MLP). The direct kernel folds. Should the x86 dot
+    choice fold one day, that restriction can go."""
+    geom = DenseGeometry(4, 8, 3)
+    rng = np.random.default_rng(7)
+    x, w = rng.integers(0, 256, geom.input_shape), rng.integers(-128, 128, (3, 8))
+    np.testing.assert_array_equal(fold_dense(direct_dense(geom, "int32", "int8", "int32"), geom, x, w), x @ w.T)
+    isa = select_dot_isa(HOST, (0, 255), (-128, 127)).name
+    root = Path(__file__).resolve().parents[3]
+    done = subprocess.run([sys.executable, "-c", _FOLD_DOT.format(isa=isa)], cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0 and "folded" not in done.stdout
+    assert "LLVM ERROR" in done.stderr

@@ -11,7 +11,10 @@ import torch
 from torch import nn
 
 import fxquant
+from fxquant.backends.tvm.build import host_target_dict, make_target
 from fxquant.backends.tvm.cost import cost_cache_path, host_identity
+from fxquant.backends.tvm.integer_layers import CONSTANT_INPUT
+from fxquant.backends.tvm.kernels.dot import select_dot_isa
 from fxquant.backends.tvm.selection import bitserial_module
 from tests.backends.tvm.helpers import assert_matches_reference, quantized
 
@@ -115,6 +118,55 @@ def test_forcing_a_kernel_a_layer_cannot_take(tmp_path: Path) -> None:
     q = quantized(net, x, weight_bits=2, act_bits=2, first_last_bits=None)
     with pytest.raises(fxquant.BackendError, match=r"layer 2: kernel='dot' was forced but cannot run it: groups=8"):
         fxquant.convert(q, backend="tvm-llvm", kernel={"2": "dot"})
+
+
+class _ConstantBias(nn.Module):
+    """Swin v2's position-bias MLP in small: two linear layers on a buffer (their input is a build-time
+    constant) ending in 3 outputs, added to a linear layer on the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.randn(1, 5, 5, 2))
+        self.mlp = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 25, 8)
+        return self.fc(x) + self.mlp(self.table).view(25, 3)
+
+
+_HOST_DOT = select_dot_isa(make_target(host_target_dict(), None), (0, 255), (-128, 127)).name
+_HASWELL = {"mcpu": "haswell"}
+
+
+@pytest.mark.parametrize(
+    "target,bits,isas",
+    [
+        (None, 2, {"avx512-vnni"}),
+        (None, 8, {"avx512-vnni-halved", "avx2"}),  # 8-bit bipolar weights: halved, costed against avx2
+        (_HASWELL, 2, {"avx2-u8s8"}),
+        (_HASWELL, 8, {"avx2"}),
+    ],
+)
+def test_constant_input_layers_take_the_portable_kernel(target: dict | None, bits: int, isas: set[str]) -> None:
+    """A layer whose input is computed from buffers only is folded while building, by TVM's FoldConstant
+    compiling for a generic CPU where every dot choice (and LLVM with it) aborts: it is offered the direct
+    kernel only, with the reason; a layer on the input keeps the target's dot instructions."""
+    if not (_HOST_DOT == "avx512-vnni" if target is None else _HOST_DOT != "generic"):
+        pytest.skip(f"this host cannot run the {sorted(isas)} kernels")
+    torch.manual_seed(0)
+    x = torch.randn(2, 25, 8)
+    q = quantized(_ConstantBias(), x, weight_bits=bits, act_bits=bits, first_last_bits=None)
+    options = {"cost_model": "model", **({"target": target} if target else {})}
+    mod = fxquant.convert(q, backend="tvm-llvm", debug_accumulators=True, kernel={"fc": "dot"}, **options)
+    assert_matches_reference(mod, fxquant.convert(q, backend="torch"), x)
+    layers = {e["name"]: e for e in mod.manifest["layers"]}
+    for name in ("mlp.0", "mlp.2"):
+        entry = layers[name]
+        assert entry["kernel"] == "direct" and entry["constant_input"]
+        assert f"no dot: {CONSTANT_INPUT}" in entry["reason"] and f"no bitserial: {CONSTANT_INPUT}" in entry["reason"]
+    assert layers["fc"]["kernel"] == "dot" and layers["fc"]["layout"] in isas and "constant_input" not in layers["fc"]
+    with pytest.raises(fxquant.BackendError, match=r"layer mlp.2: kernel='dot' was forced but cannot run it: input is"):
+        fxquant.convert(q, backend="tvm-llvm", kernel={"mlp.2": "dot"}, **options)
 
 
 def test_arm_options(model, tmp_path: Path) -> None:

@@ -3,12 +3,13 @@ integer reference; attention reported as float; tensor indexing; the converter r
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
-from torchvision.models import convnext, swin_transformer, vision_transformer
+from torchvision.models import convnext, maxvit, swin_transformer, vision_transformer
 from tvm import relax
 
 import fxquant
@@ -31,12 +32,15 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "swin_v2": lambda: swin_transformer.SwinTransformer(
         [4, 4], 16, [2], [2], [4, 4], num_classes=10, block=swin_transformer.SwinTransformerBlockV2,
     ),
+    # MBConv with squeeze-excitation, then block and grid attention (swapaxes) over 4x4 partitions of 8x8 tokens
+    "maxvit": lambda: maxvit.MaxVit(
+        (32, 32), stem_channels=8, partition_size=4, block_channels=[16], block_layers=[1], head_dim=8,
+        stochastic_depth_prob=0.0, num_classes=10,
+    ),
 }
 ATTENTION_KINDS = {"MultiheadAttention", "shifted_window_attention", "matmul", "einsum", "scaled_dot_product_attention"}
-
-
-#: the dot kernel for a 2-output dense layer (Swin v2's position-bias MLP) aborts LLVM; the direct kernel is exact
-OPTIONS: dict[str, dict] = {"swin_v2": {"kernel": {"*cpb_mlp*": "direct"}}}
+#: layers whose input is a build-time constant (computed from buffers only): Swin v2's position-bias MLP
+CONSTANT_LAYERS = {"swin_v2": "*.attn.cpb_mlp.*"}
 
 
 def _convert(model: nn.Module, x: torch.Tensor, **options: object) -> tuple[nn.Module, object]:
@@ -49,7 +53,7 @@ def _convert(model: nn.Module, x: torch.Tensor, **options: object) -> tuple[nn.M
 def test_family_matches_integer_reference(family: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
-    ref, mod = _convert(FAMILIES[family](), x, **OPTIONS.get(family, {}))
+    ref, mod = _convert(FAMILIES[family](), x)
     assert_matches_reference(mod, ref, x)
 
     layers = {entry["name"]: entry for entry in mod.manifest["layers"]}
@@ -62,6 +66,11 @@ def test_family_matches_integer_reference(family: str) -> None:
     assert all(entry["kernel"] == "float" and entry["reason"] for entry in floats)
     if family != "convnext":
         assert {entry["kind"] for entry in floats} & ATTENTION_KINDS
+    # constant inputs are folded while building, for a generic CPU: the portable kernel only, the others declined
+    constant = {name for name, entry in layers.items() if entry.get("constant_input")}
+    assert constant == {name for name in integer if fnmatch.fnmatchcase(name, CONSTANT_LAYERS.get(family, ""))}
+    assert all(layers[name]["kernel"] == "direct" and "build-time constant" in layers[name]["reason"]
+               for name in constant)
 
 
 class Indexing(nn.Module):
@@ -84,6 +93,26 @@ def test_tensor_indexing_and_roll_match_reference() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 5, 8)
     ref, mod = _convert(Indexing(), x)
+    assert_matches_reference(mod, ref, x)
+
+
+class Swapped(nn.Module):
+    """``transpose``'s aliases around a quantized linear layer, by position and by keyword (MaxViT: swapaxes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 4, 5, 8)
+        y = self.fc(torch.swapaxes(x, 1, 2))  # (B, 5, 4, 6)
+        return torch.cat([torch.swapaxes(y, axis0=-1, axis1=1).flatten(1), y.swapdims(1, 3).flatten(1),
+                          torch.swapdims(y, dim0=2, dim1=1).flatten(1)], dim=1)
+
+
+def test_swapped_axes_match_reference() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5, 8)
+    ref, mod = _convert(Swapped(), x)
     assert_matches_reference(mod, ref, x)
 
 
