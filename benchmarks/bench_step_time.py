@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _host import host_info, print_host
 from torch import nn
 
 import fxquant
@@ -41,9 +42,12 @@ def _torch_ao(model: nn.Module, x: torch.Tensor) -> nn.Module:
 
 
 def _brevitas(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    from brevitas.graph.quantize import quantize  # ImportError: the peer is skipped
+    """Brevitas' documented graph flow: ``preprocess_for_quantize`` (traces, merges batch norm into the
+    convolutions as fxquant folds it) then ``quantize``. ``quantize`` on a traced model with batch norms
+    left in does not finish on this residual net (its residual handler loops)."""
+    from brevitas.graph.quantize import preprocess_for_quantize, quantize  # ImportError: the peer is skipped
 
-    return quantize(torch.fx.symbolic_trace(copy.deepcopy(model).train()))  # batch norms stay, as in the others
+    return quantize(preprocess_for_quantize(copy.deepcopy(model).eval(), trace_model=True)).train()
 
 
 #: peer name -> builder of its QAT model from the float model and an example batch
@@ -79,7 +83,10 @@ def build(args: argparse.Namespace, x: torch.Tensor) -> dict[str, nn.Module]:
             print(f"{name}: skipped ({exc})")
     if args.compile:
         for name in [n for n in models if n == "float" or n in args.schemes]:
-            models[f"{name}+compile"] = torch.compile(copy.deepcopy(models[name]), backend=args.compile)
+            # static shapes: the default re-traces with dynamic shapes on a recompile, and inductor then fails
+            # to compile the quantizers' backward ("Cannot convert expression to float", torch 2.14)
+            models[f"{name}+compile"] = torch.compile(copy.deepcopy(models[name]), backend=args.compile,
+                                                      dynamic=False)
     return models
 
 
@@ -103,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     x = torch.randn(args.batch, 1, 28, 28, device=args.device)
     y = torch.randint(0, 10, (args.batch,), device=args.device)
+    info = host_info()
+    print_host(info)
     models = build(args, x)
     for m in models.values():
         m.train()
@@ -110,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {n: [] for n in models}
     first: dict[str, float] = {}
     for i in range(args.warmup + args.steps):
+        print(f"round {i + 1}/{args.warmup + args.steps}" + (" (warm-up)" if i < args.warmup else ""), flush=True)
         for name, model in models.items():
             t = _step(model, opts[name], x, y)
             if i == 0:
@@ -129,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f"   (first step {r['first_step_s']:.1f} s)" if "+compile" in r["model"] else ""))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
-    out = {"settings": settings, "results": rows, "torch_threads": torch.get_num_threads(),
+    out = {"settings": settings, "results": rows, "host": info, "torch_threads": torch.get_num_threads(),
            "torch_version": torch.__version__,
            "device_name": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu"}
     (args.out_dir / "step_time.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")

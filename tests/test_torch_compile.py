@@ -82,3 +82,20 @@ def test_compiled_training_steps_match_eager(backend):
         torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)
     print(f"{backend}: two compiled steps (compile included) in {time.perf_counter() - start:.1f} s")
     torch._dynamo.reset()
+
+
+def test_calibrated_quantizers_do_not_break_the_graph():
+    """``initialized`` is read as a Python attribute once it is True: a tensor branch in every quantizer split
+    the graph per layer, and the per-layer recompiles with dynamic shapes failed in inductor's backward."""
+    torch._dynamo.reset()
+    qmodel, x = _prepared()
+    explanation = torch._dynamo.explain(qmodel)(x)
+    frames = [f"{frame.filename}:{frame.lineno} {frame.name}" for r in explanation.break_reasons
+              for frame in r.user_stack[-1:]]
+    assert not [f for f in frames if f.endswith("ensure_initialized")], frames
+    for quantizer in [m for m in qmodel.modules() if isinstance(m, fxquant.quantizers.Quantizer)]:
+        quantizer.reset_initialized()  # after a bit-width change the buffer decides again, and calibration runs
+        assert not bool(quantizer.initialized)
+    qmodel(x)
+    assert all(bool(m.initialized) for m in qmodel.modules() if isinstance(m, fxquant.quantizers.Quantizer))
+    torch._dynamo.reset()

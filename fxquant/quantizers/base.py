@@ -118,6 +118,10 @@ class Quantizer(nn.Module):
         self.role: Role = role
         self.channels = channels  # per-channel along axis 0 when set (weights only)
         self.register_buffer("initialized", torch.tensor(False))
+        # a Python mirror of ``initialized`` once it is True: torch.compile then guards on an attribute instead
+        # of branching on a tensor, which would break the graph in every layer (and inductor fails to compile
+        # the dynamic-shape graphs that per-layer recompiles produce)
+        self._known_initialized = False
 
     # -- configuration ------------------------------------------------------------------------------------
 
@@ -223,10 +227,22 @@ class Quantizer(nn.Module):
 
     def ensure_initialized(self, x: torch.Tensor) -> None:
         """Run :meth:`initialize` on ``x`` unless it already ran (the first tensor seen decides)."""
+        if self._known_initialized:
+            return
         if not bool(self.initialized):
             with torch.no_grad():
                 self.initialize(x.detach())
             self.initialized.fill_(True)
+        self._known_initialized = True
+
+    def reset_initialized(self) -> None:
+        """Calibrate again at the next forward (after a bit-width change)."""
+        self.initialized.fill_(False)
+        self._known_initialized = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._known_initialized = False  # the loaded buffer decides again
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if autocast_dtype(x.device.type) is not None:  # rounding and scales stay float32 under mixed precision

@@ -166,7 +166,7 @@ class StochasticBitwidthQuantizer(Quantizer):
             self.logit.fill_(self.init_logit)
         self.task_grad_sum.zero_()
         self.task_grad_count.zero_()
-        self.initialized.fill_(False)
+        self.reset_initialized()
         self.active.fill_(self.bits > self.floor)
 
     def _at_bits(self, bits: int, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -141,7 +141,7 @@ def attach_dbps(gm: fx.GraphModule, units: Sequence[Unit], start_bits: int) -> N
                 if not isinstance(q, StochasticBitwidthQuantizer):
                     raise ConfigError(f"{unit.key}: a {type(q).__name__} at {q.bits} bits cannot be set to {bits}")
                 q.set_bits(bits)
-                q.initialized.fill_(False)
+                q.reset_initialized()
             if isinstance(q, StochasticBitwidthQuantizer):
                 q.active.fill_(unit.searched and bits > q.floor)
                 if unit.searched and unit.ladder is not None:
