@@ -15,7 +15,7 @@ from fxquant.errors import ConfigError, FxQuantError, NumericsError
 from fxquant.input_guard import check_finite
 from fxquant.layers import QuantLayer
 from fxquant.passes import fold_bn, freeze, fuse_bn_for_qat, insert_quantizers, trace
-from fxquant.quantizers.base import Quantizer
+from fxquant.quantizers.base import Quantizer, write_flag
 
 __all__ = ["prepare", "convert", "update_schedules", "freeze_bn_stats", "quantizers_of", "quantized_layer_names"]
 
@@ -103,7 +103,7 @@ def freeze_bn_stats(model: nn.Module, frozen: bool = True) -> None:
     """
     for layer in model.modules():
         if isinstance(layer, QuantLayer):
-            layer.bn_frozen.fill_(frozen)
+            write_flag(layer, "bn_frozen", frozen)
 
 
 def convert(model: fx.GraphModule, backend: str = "torch", **options: Any) -> Any:

@@ -16,7 +16,7 @@ from torch import nn
 
 from fxquant.integer import FrozenLayer, codes_from_values, freeze_weights, integer_output
 from fxquant.placement import autocast_dtype
-from fxquant.quantizers.base import Quantizer
+from fxquant.quantizers.base import Quantizer, add_flag, read_flag, refresh_flags
 
 __all__ = ["FusedBn", "QuantLayer", "fold_bn_into", "QUANTIZABLE_TYPES", "layer_type_name"]
 
@@ -152,13 +152,17 @@ class QuantLayer(nn.Module):
         self.weight_quant = weight_quant
         self.input_quant = input_quant
         # with frozen statistics, training folds the running statistics too (no batch-statistics path)
-        self.register_buffer("bn_frozen", torch.tensor(False))
+        add_flag(self, "bn_frozen", False)
 
     def freeze(self, name: str = "") -> FrozenLayer:
         """The deployed integer layer as data (running BN statistics folded in): what ``freeze`` records."""
         with torch.no_grad():
             weight, bias = self.folded_weight_bias()
             return freeze_weights(self.layer, weight, bias, self.weight_quant, self.input_quant, name)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super()._load_from_state_dict(*args, **kwargs)
+        refresh_flags(self)  # bn_frozen comes from the loaded buffer
 
     def integer_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Eval path: recover the input codes (``x`` is on the input grid) and run the integer arithmetic."""
@@ -177,7 +181,7 @@ class QuantLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return self.integer_forward(x)
-        if self.bn is None or bool(self.bn_frozen):
+        if self.bn is None or read_flag(self, "bn_frozen"):
             weight, bias = self.folded_weight_bias()
             return _apply(self.layer, x, self.weight_quant(weight), bias)
         bn = self.bn

@@ -22,6 +22,7 @@ from fxquant.quantizers.grid import QuantGrid, channel_view
 from fxquant.quantizers.options import QuantizerOptions
 
 __all__ = [
+    "add_flag", "read_flag", "write_flag", "refresh_flags",
     "Quantizer", "Role", "search_clip_range", "elementwise_blocks", "split_blocks", "block_scratch", "BLOCK_ELEMENTS",
     "BINARY_SCALES", "BinaryScale", "mean_abs_scale",
 ]
@@ -84,6 +85,36 @@ def mean_abs_scale(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
     return x.abs().mean().clamp_min(1e-8)
 
 
+def read_flag(module: nn.Module, name: str) -> bool:
+    """A 0-d bool buffer (saved with the state) as a Python bool, kept in step by :func:`add_flag`,
+    :func:`write_flag` and :func:`refresh_flags`: under ``torch.compile`` a branch on the tensor would break
+    the graph in every layer (and the per-layer recompiles, with dynamic shapes, then failed in inductor's
+    backward)."""
+    flags = module.__dict__.setdefault("_flag_values", {})
+    if name not in flags:
+        flags[name] = bool(getattr(module, name))
+    return flags[name]
+
+
+def add_flag(module: nn.Module, name: str, value: bool) -> None:
+    """Register a flag buffer (persistent, so checkpoints keep it) with its Python value."""
+    module.register_buffer(name, torch.tensor(bool(value)))
+    module.__dict__.setdefault("_flag_values", {})[name] = bool(value)
+
+
+def write_flag(module: nn.Module, name: str, value: bool) -> None:
+    """Set a flag buffer and what :func:`read_flag` returns (every write goes through here)."""
+    getattr(module, name).fill_(bool(value))
+    module.__dict__.setdefault("_flag_values", {})[name] = bool(value)
+
+
+def refresh_flags(module: nn.Module) -> None:
+    """Read every flag from its buffer again (after the buffers were replaced, e.g. by a state-dict load)."""
+    flags = module.__dict__.setdefault("_flag_values", {})
+    for name in flags:
+        flags[name] = bool(getattr(module, name))
+
+
 class Quantizer(nn.Module):
     """Base class: subclasses implement :meth:`grid`, :meth:`soft_forward` and :meth:`initialize`, and declare
     their options as a :class:`~fxquant.quantizers.options.QuantizerOptions` dataclass in ``options_class``."""
@@ -117,11 +148,7 @@ class Quantizer(nn.Module):
         self.bits = int(bits)
         self.role: Role = role
         self.channels = channels  # per-channel along axis 0 when set (weights only)
-        self.register_buffer("initialized", torch.tensor(False))
-        # a Python mirror of ``initialized`` once it is True: torch.compile then guards on an attribute instead
-        # of branching on a tensor, which would break the graph in every layer (and inductor fails to compile
-        # the dynamic-shape graphs that per-layer recompiles produce)
-        self._known_initialized = False
+        add_flag(self, "initialized", False)
 
     # -- configuration ------------------------------------------------------------------------------------
 
@@ -227,22 +254,18 @@ class Quantizer(nn.Module):
 
     def ensure_initialized(self, x: torch.Tensor) -> None:
         """Run :meth:`initialize` on ``x`` unless it already ran (the first tensor seen decides)."""
-        if self._known_initialized:
-            return
-        if not bool(self.initialized):
+        if not read_flag(self, "initialized"):
             with torch.no_grad():
                 self.initialize(x.detach())
-            self.initialized.fill_(True)
-        self._known_initialized = True
+            write_flag(self, "initialized", True)
 
     def reset_initialized(self) -> None:
         """Calibrate again at the next forward (after a bit-width change)."""
-        self.initialized.fill_(False)
-        self._known_initialized = False
+        write_flag(self, "initialized", False)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._known_initialized = False  # the loaded buffer decides again
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super()._load_from_state_dict(*args, **kwargs)
+        refresh_flags(self)  # the loaded buffers decide
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if autocast_dtype(x.device.type) is not None:  # rounding and scales stay float32 under mixed precision

@@ -24,10 +24,13 @@ from fxquant.errors import ConfigError
 from fxquant.quantizers.base import (
     BinaryScale,
     Quantizer,
+    add_flag,
     block_scratch,
     elementwise_blocks,
+    read_flag,
     search_clip_range,
     split_blocks,
+    write_flag,
 )
 from fxquant.quantizers.compiled import dsq as dsq_kernels
 from fxquant.quantizers.compiled.runtime import kernels_enabled
@@ -227,7 +230,7 @@ class DSQQuantizer(Quantizer):
         self.upper = nn.Parameter(torch.ones(self.num_params if role == "weight" else ()))
         if role == "activation":
             self.lower = nn.Parameter(torch.zeros(()))
-            self.register_buffer("signed", torch.tensor(False))
+            add_flag(self, "signed", False)
         if self.options.learn_alpha:
             self.alpha = nn.Parameter(torch.tensor(alpha))
         else:
@@ -241,7 +244,7 @@ class DSQQuantizer(Quantizer):
             self.track_weight(x)
         else:
             signed = bool(x.min() < 0)
-            self.signed.fill_(signed)
+            write_flag(self, "signed", signed)
             low, high = search_clip_range(x, self.bits, signed=False, per_channel=False)
             self.lower.copy_(low if signed else torch.zeros(()))
             self.upper.copy_(high)
@@ -251,7 +254,7 @@ class DSQQuantizer(Quantizer):
             u = self.upper.abs().clamp_min(1e-8)
             return -u, u
         # unsigned: l = 0, kept in the graph with a zero gradient so that DDP sees every parameter used
-        low = self.lower.clamp_max(0.0) if bool(self.signed) else self.lower * 0.0
+        low = self.lower.clamp_max(0.0) if read_flag(self, "signed") else self.lower * 0.0
         return low, torch.maximum(self.upper, low + 1e-8)
 
     def grid(self) -> QuantGrid:
@@ -282,7 +285,7 @@ class DSQQuantizer(Quantizer):
             scale = self.upper.abs().clamp_min(1e-8) / n
             low, step = self.view(scale * -n, x), self.view(scale * 2, x)  # 0 + scale·(−n) is scale·(−n) (< 0)
             return _DSQStraightThrough.apply(x, low, step, self.alpha, self.bits, False)
-        signed = bool(self.signed)
+        signed = read_flag(self, "signed")
         low = self.lower.clamp_max(0.0) if signed else self.lower * 0.0
         step = (torch.maximum(self.upper, low + 1e-8) - low) / n
         if signed:  # QuantGrid.low keeps the sign of a zero bound this way; unsigned, the value of l is unused

@@ -28,7 +28,16 @@ import torch
 from torch import nn
 
 from fxquant.errors import ConfigError
-from fxquant.quantizers.base import Quantizer, Role, block_scratch, elementwise_blocks, split_blocks
+from fxquant.quantizers.base import (
+    Quantizer,
+    Role,
+    add_flag,
+    block_scratch,
+    elementwise_blocks,
+    read_flag,
+    split_blocks,
+    write_flag,
+)
 from fxquant.quantizers.compiled import lcq as lcq_kernels
 from fxquant.quantizers.compiled.runtime import kernels_enabled
 from fxquant.quantizers.grid import QuantGrid, requantize_levels, threshold_codes
@@ -300,7 +309,7 @@ class LCQQuantizer(Quantizer):
         segments = self.options.segments
         per_channel = role == "weight" and bool(channels)
         self.alpha = nn.Parameter(torch.ones(self.num_params if per_channel else ()))
-        self.register_buffer("signed", torch.tensor(role == "weight"))
+        add_flag(self, "signed", role == "weight")
         self.segments = int(segments)
         # θ exists only where it shapes the quantizer (not for 1/2-bit weights), so every parameter gets a gradient
         self.theta: nn.Parameter | None
@@ -319,7 +328,7 @@ class LCQQuantizer(Quantizer):
     @property
     def symmetric(self) -> bool:
         """Weights always; activations when their first batch had negative values."""
-        return self.role == "weight" or bool(self.signed)
+        return self.role == "weight" or read_flag(self, "signed")
 
     @property
     def s(self) -> int:
@@ -383,7 +392,7 @@ class LCQQuantizer(Quantizer):
 
     def initialize(self, x: torch.Tensor) -> None:
         if self.role == "activation":
-            self.signed.fill_(bool(x.min() < 0))
+            write_flag(self, "signed", bool(x.min() < 0))
         self._refresh_norm(x)
         per_channel = self.role == "weight" and bool(self.channels)
         rows = (x / self.view(self.norm, x)).reshape(x.shape[0] if per_channel else 1, -1).float()

@@ -33,7 +33,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxquant.quantizers.base import BinaryScale, Quantizer, Role, block_scratch, elementwise_blocks, split_blocks
+from fxquant.quantizers.base import (
+    BinaryScale,
+    Quantizer,
+    Role,
+    add_flag,
+    block_scratch,
+    elementwise_blocks,
+    read_flag,
+    split_blocks,
+    write_flag,
+)
 from fxquant.quantizers.grid import QuantGrid
 from fxquant.quantizers.options import QuantizerOptions
 from fxquant.quantizers.registry import register_quantizer
@@ -145,7 +155,7 @@ class LSQQuantizer(Quantizer):
     ) -> None:
         super().__init__(bits, role, channels, options)
         self.step = nn.Parameter(torch.ones(self.num_params if (role == "weight" and channels) else ()))
-        self.register_buffer("signed", torch.tensor(role == "weight"))
+        add_flag(self, "signed", role == "weight")
         # g = 1/sqrt(N·Q_P), fixed from the first tensor (a buffer, so compiled graphs see no symbolic shapes)
         self.register_buffer("step_grad_scale", torch.tensor(1.0))
         self._register_binary_scale()
@@ -154,7 +164,7 @@ class LSQQuantizer(Quantizer):
 
     def is_signed(self) -> bool:
         """Weights always; activations when their first batch had negative values."""
-        return self.role == "weight" or bool(self.signed)
+        return self.role == "weight" or read_flag(self, "signed")
 
     @property
     def bipolar(self) -> bool:
@@ -184,7 +194,7 @@ class LSQQuantizer(Quantizer):
 
     def initialize(self, x: torch.Tensor) -> None:
         if self.role == "activation":
-            self.signed.fill_(bool(x.min() < 0))
+            write_flag(self, "signed", bool(x.min() < 0))
         _, qp = self.bounds()
         per_channel = self.role == "weight" and bool(self.channels)
         mean_abs = x.abs().reshape(x.shape[0], -1).mean(dim=1) if per_channel else x.abs().mean()

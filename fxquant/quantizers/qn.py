@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from fxquant.errors import ConfigError
-from fxquant.quantizers.base import Quantizer, Role, search_clip_range
+from fxquant.quantizers.base import Quantizer, Role, add_flag, read_flag, search_clip_range, write_flag
 from fxquant.quantizers.compiled import qn as qn_kernels
 from fxquant.quantizers.compiled.runtime import kernels_enabled
 from fxquant.quantizers.grid import QuantGrid, requantize_levels
@@ -342,7 +342,7 @@ class QNQuantizer(Quantizer):
         self.register_buffer("targets", targets)
         self.register_buffer("biases", (targets[1:] + targets[:-1]) * 0.5)
         self.register_buffer("temperature", torch.tensor(min(t0, cap)))
-        self.register_buffer("signed", torch.tensor(role == "weight"))
+        add_flag(self, "signed", role == "weight")
 
     # -- target set -----------------------------------------------------------------------------------------
 
@@ -388,7 +388,7 @@ class QNQuantizer(Quantizer):
     def initialize(self, x: torch.Tensor) -> None:
         x = x.float()
         if self.role == "activation":
-            self.signed.fill_(bool(x.min() < 0))
+            write_flag(self, "signed", bool(x.min() < 0))
         if self.uniform:
             self.fit_uniform(x)
         else:
@@ -418,7 +418,7 @@ class QNQuantizer(Quantizer):
             if sig > 0 and flat.numel() > 1:
                 keep = (flat - flat.mean()).abs() <= sig * flat.std()
                 flat = flat[keep] if bool(keep.any()) else flat
-            signed = bool(self.signed)
+            signed = read_flag(self, "signed")
             q_max = self.steps / 2.0 if signed else float(self.steps)
             beta = q_max / (flat.abs().amax() if signed else flat.amax()).clamp_min(1e-8)
             scaled = flat * beta
