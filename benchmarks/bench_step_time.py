@@ -82,6 +82,10 @@ def build(args: argparse.Namespace, x: torch.Tensor) -> dict[str, nn.Module]:
         except ImportError as exc:
             print(f"{name}: skipped ({exc})")
     if args.compile:
+        # every compiled model runs the same QuantLayer/quantizer code objects, so their frames share one
+        # recompile budget; past it dynamo runs them eagerly and the comparison would be meaningless
+        torch._dynamo.config.recompile_limit = 1024
+        torch._dynamo.config.accumulated_recompile_limit = 4096
         for name in [n for n in models if n == "float" or n in args.schemes]:
             # static shapes: the default re-traces with dynamic shapes on a recompile, and inductor then fails
             # to compile the quantizers' backward ("Cannot convert expression to float", torch 2.14)
