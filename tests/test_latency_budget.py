@@ -226,3 +226,30 @@ def test_plan_json_records_target_cost_model_version_and_estimate(tmp_path):
     for name, (wb, ab) in plan.bits.items():  # the per-layer rows travel with the plan
         assert layers[name]["latency"][f"w{wb}a{ab}"] == meta["layer_ms"][name]
     assert BitwidthPlan.load(tmp_path / "plan.json") == plan
+
+
+class _ConstantBias(nn.Module):
+    """A linear layer on the input plus a small MLP on a buffer (Swin v2's position-bias MLP)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.randn(1, 5, 5, 2))
+        self.mlp = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(x) + self.mlp(self.table).view(25, 3)
+
+
+def test_layers_on_build_time_constants_cost_nothing():
+    """convert folds them while building (direct kernel), so the table prices them at 0 and as direct."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 25, 8)
+    config = fxquant.QuantConfig(weight_bits=2, act_bits=2, first_last_bits=None)
+    gm = fxquant.prepare(_ConstantBias(), (x,), config)
+    pairs = {name: [(2, 2), (4, 4)] for name in ("fc", "mlp.0", "mlp.2")}
+    table = build_latency_table(gm, pairs, "host", "model", 1, 1, False)
+    for name in ("mlp.0", "mlp.2"):
+        assert set(table.latency_ms[name].values()) == {0.0}
+        assert all(kernel.startswith("direct") for kernel in table.kernels[name].values())
+    assert all(ms > 0 for ms in table.latency_ms["fc"].values())

@@ -20,11 +20,12 @@ work and float layers are not in it (docs/kernels.md states the measured gap to 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import fx
+from torch import fx, nn
 from tqdm.auto import tqdm
 from tvm import relax
 
@@ -116,6 +117,16 @@ def _context(target: str, cost_model: str, threads: int) -> tuple[Any, Any, TvmO
     return tvm_target, (StaticModel(tvm_target, 1, target), None), TvmOptions(cost_model="model"), f"aarch64 {target}"
 
 
+def _reads_inputs(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose value depends on a graph input; the others are build-time constants that ``convert``
+    folds (Swin v2's position-bias MLP), so their layers cost nothing when the model runs."""
+    variable: set[fx.Node] = set()
+    for node in gm.graph.nodes:  # topological order
+        if node.op == "placeholder" or any(arg in variable for arg in node.all_input_nodes):
+            variable.add(node)
+    return variable
+
+
 def _set_bits(qlayer: QuantLayer, pair: BitsPair) -> None:
     for quantizer, bits in zip((qlayer.weight_quant, qlayer.input_quant), pair, strict=True):
         if hasattr(quantizer, "set_bits"):
@@ -147,6 +158,7 @@ def build_latency_table(
     module = bitserial_module()
     modules = dict(gm.named_modules())
     nodes = {str(n.target): n for n in quant_layer_nodes(gm)}
+    variable = _reads_inputs(gm)
     unknown = sorted(set(pairs) - set(nodes))
     if unknown:
         raise ConfigError(f"latency table: no quantized layer named {unknown}; layers are {sorted(nodes)}")
@@ -161,6 +173,9 @@ def build_latency_table(
         if meta is None:
             raise ConfigError(f"layer {name!r} has no traced input shape; prepare the model with example_inputs")
         shape = (batch, *(int(s) for s in meta.shape[1:]))
+        if isinstance(modules[name].layer, nn.Linear) and len(shape) > 2:  # tokens are rows, as convert lowers them
+            shape = (math.prod(shape[:-1]), shape[-1])
+        constant = node.args[0] not in variable
         work_copy = copy.deepcopy(modules[name])
         # one context per layer: its kernels are built once per geometry and reused across bit-widths
         ctx = LoweringContext(relax.BlockBuilder(), {}, tvm_target, options, module, cost, prior)
@@ -168,9 +183,11 @@ def build_latency_table(
             _set_bits(work_copy, pair)
             layer = work_copy.freeze(f"{name}@{pair_key(pair)}")  # distinct name: plans are per layer name
             geom = layer_geometry(layer, shape)
-            choice = choose_layer_kernel(ctx, layer, geom, shape, name)
+            choice = choose_layer_kernel(ctx, layer, geom, shape, name, constant)
             us = choice.costs_us.get(choice.kind)
-            if us is None:  # a single candidate is not compared, so it was not priced
+            if constant:  # computed while building
+                us = 0.0
+            elif us is None:  # a single candidate is not compared, so it was not priced
                 us = cost.cost_us(choice.plan, layer, geom)
             latency.setdefault(name, {})[pair] = round(us / 1e3, 6)
             kernels.setdefault(name, {})[pair] = f"{choice.kind}:{choice.plan.detail}"
