@@ -241,8 +241,14 @@ def input_channels(f: FrozenLayer) -> int:
 def accumulator_bound(f: FrozenLayer) -> int:
     """Largest possible |accumulator|: window size × largest code × largest |weight|."""
     window = f.weight_int[0].numel()
-    largest = 2**f.act_bits - 1 if f.input_levels_int is None else int(f.input_levels_int.abs().max())
-    return window * largest * int(f.weight_int.abs().max())
+    largest = 2**f.act_bits - 1 if f.input_levels_int is None else _peak(f.input_levels_int)
+    return window * largest * _peak(f.weight_int)
+
+
+def _peak(t: torch.Tensor) -> int:
+    """``max |t|`` of an integer tensor, in one pass (backends ask for it per layer, the weights can be large)."""
+    low, high = t.aminmax()
+    return max(-int(low), int(high))
 
 
 def exact_dtype(f: FrozenLayer) -> torch.dtype:

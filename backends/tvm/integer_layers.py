@@ -168,6 +168,13 @@ def _cheapest_dot_plan(ctx: LoweringContext, layer: FrozenLayer, geom: ConvGeome
     return min((p for p in options if p.detail in costs), key=lambda p: costs[p.detail], default=options[0])
 
 
+def _signature(layer: FrozenLayer) -> tuple[Any, ...]:
+    """What a kernel builder reads from a layer besides its weights: kind, weight shape, bits, encoding, geometry."""
+    geometry = (layer.stride, layer.padding, layer.dilation, layer.groups) if isinstance(layer, FrozenConv2d) else ()
+    return (type(layer).__name__, tuple(layer.weight_int.shape), layer.weight_bits, layer.act_bits,
+            layer.weight_encoding, *geometry)
+
+
 def _bitserial_plan(ctx: LoweringContext, layer: FrozenLayer, shape: tuple[int, ...]) -> KernelPlan:
     module = ctx.bitserial
     assert module is not None
@@ -176,9 +183,13 @@ def _bitserial_plan(ctx: LoweringContext, layer: FrozenLayer, shape: tuple[int, 
     tiling = module.layer_tiling(layer, tuple(shape), ctx.target) if hasattr(module, "layer_tiling") else None
     extra = {} if tiling is None else {"tiling": tiling}
 
-    def plan() -> tuple[Any, np.ndarray]:
+    def kernel() -> Any:
         build = module.conv2d_primfunc if isinstance(layer, FrozenConv2d) else module.dense_primfunc
-        func = build(layer, tuple(shape), ctx.target, **extra)
+        return build(layer, tuple(shape), ctx.target, **extra)
+
+    def plan() -> tuple[Any, np.ndarray]:
+        # the weights are an argument of the PrimFunc: layers of one signature share its (slow) build
+        func = ctx.cached(("bitserial", _signature(layer), tuple(shape), tiling), kernel)
         return func, np.ascontiguousarray(module.pack_weights(layer))
 
     version = getattr(module, "KERNEL_VERSION", "bitserial")

@@ -57,7 +57,20 @@ def channel_view(t: torch.Tensor, like: torch.Tensor, axis: int = 0) -> torch.Te
 
 def uniform_codes(x: torch.Tensor, low: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
     """Round-half-up codes on the grid ``low + step * c``; ties go up so that 0.5 steps are deterministic."""
-    return torch.clamp(torch.floor((x - low) / step + 0.5), 0, 2**bits - 1)
+    diff = x - low
+    if not _in_place_ok(diff, step):
+        return torch.clamp(torch.floor(diff / step + 0.5), 0, 2**bits - 1)
+    # the same operations in place on the one temporary (freeze and the eval forward run this on every weight)
+    return diff.div_(step).add_(0.5).floor_().clamp_(0, 2**bits - 1)
+
+
+def _in_place_ok(t: torch.Tensor, other: torch.Tensor | float) -> bool:
+    """Whether ``t.div_(other)`` etc. give what ``t / other`` would: no autograd, same dtype and shape."""
+    if torch.is_grad_enabled() and (t.requires_grad or isinstance(other, torch.Tensor) and other.requires_grad):
+        return False
+    if not t.is_floating_point() or torch.result_type(t, other) != t.dtype:
+        return False
+    return not isinstance(other, torch.Tensor) or torch.broadcast_shapes(t.shape, other.shape) == t.shape
 
 
 def threshold_codes(x: torch.Tensor, thresholds: torch.Tensor, axis: int = 0) -> torch.Tensor:
