@@ -309,6 +309,20 @@ def _error_sample(flat: torch.Tensor) -> torch.Tensor:
     return flat if stride <= 1 else flat[:, ::stride].contiguous()
 
 
+def clip_search_bounds(x: torch.Tensor, signed: bool, per_channel: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The values a clip search measures errors on (rows: channels, or one row) and each row's widest range
+    ``(lo_max, hi_max)``, from the whole tensor; candidates clip at fractions of it."""
+    flat = x.detach().float().reshape(x.shape[0], -1) if per_channel else x.detach().float().reshape(1, -1)
+    if signed:
+        hi_max = flat.abs().amax(dim=1).clamp_min(1e-8)
+        lo_max = -hi_max
+    else:
+        hi_max = flat.amax(dim=1).clamp_min(1e-8)
+        lo_max = torch.minimum(flat.amin(dim=1), torch.zeros_like(hi_max))
+    return _error_sample(flat), lo_max, hi_max
+
+
 def search_clip_range(
     x: torch.Tensor, bits: int, signed: bool, per_channel: bool, candidates: int = 32
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,14 +335,7 @@ def search_clip_range(
     Candidate ``i`` clips at ``i/candidates`` of the range; the first one with the least error (as float32
     arithmetic computes it, see :func:`_candidate_errors`) wins.
     """
-    flat = x.detach().float().reshape(x.shape[0], -1) if per_channel else x.detach().float().reshape(1, -1)
-    sample = _error_sample(flat)
-    if signed:
-        hi_max = flat.abs().amax(dim=1).clamp_min(1e-8)
-        lo_max = -hi_max
-    else:
-        hi_max = flat.amax(dim=1).clamp_min(1e-8)
-        lo_max = torch.minimum(flat.amin(dim=1), torch.zeros_like(hi_max))
+    sample, lo_max, hi_max = clip_search_bounds(x, signed, per_channel)
     n = 2**bits - 1
     fracs = torch.linspace(1.0 / candidates, 1.0, candidates)
     lo = lo_max * fracs.unsqueeze(1)  # (candidates, rows)

@@ -33,14 +33,7 @@ def test_small_tensors_are_searched_whole() -> None:
 
 def _one_by_one(x: torch.Tensor, bits: int, signed: bool, per_channel: bool, candidates: int = 32):
     """The search as it was written first: each candidate measured on its own, in order (the reference)."""
-    flat = x.detach().float().reshape(x.shape[0], -1) if per_channel else x.detach().float().reshape(1, -1)
-    sample = base._error_sample(flat)
-    if signed:
-        hi_max = flat.abs().amax(dim=1).clamp_min(1e-8)
-        lo_max = -hi_max
-    else:
-        hi_max = flat.amax(dim=1).clamp_min(1e-8)
-        lo_max = torch.minimum(flat.amin(dim=1), torch.zeros_like(hi_max))
+    sample, lo_max, hi_max = base.clip_search_bounds(x, signed, per_channel)  # the bounds are not what changed
     best_err, best = torch.full_like(hi_max, float("inf")), torch.ones_like(hi_max)
     n = 2**bits - 1
     for frac in torch.linspace(1.0 / candidates, 1.0, candidates):
