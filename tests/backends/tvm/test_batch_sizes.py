@@ -88,8 +88,9 @@ def test_other_shapes_fail_naming_the_compiled_sizes(host, qmodel) -> None:
         fxquant.convert(qmodel, backend="tvm-llvm", batch_sizes=(2, 2))
 
 
-def test_run_model_picks_the_function_for_the_batch(host, tmp_path: Path) -> None:
+def test_run_model_picks_the_function_for_the_batch(host, tmp_path: Path, monkeypatch) -> None:
     """The device-side Python runner, on a host build of the same module: main for batch 1, main_b4 for 4."""
+    monkeypatch.setenv("TVM_USE_RUNTIME_LIB", "1")  # what run_model sets for itself; undone after the test
     folder = tmp_path / "art"
     folder.mkdir()
     host.executable.export_library(str(folder / "model.so"))
